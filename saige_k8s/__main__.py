@@ -1,0 +1,3 @@
+from saige_k8s.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""The extract step: experience database -> curated SFT dataset on the shared volume.
+
+Two queries run side by side: the funnel (every row's verdict, counted by the database) on
+a worker thread, and the candidates (streamed as Arrow) on this one, which judges their
+scores, renders, deduplicates, splits and writes them while the database keeps reading.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from saige_k8s import __version__
+from saige_k8s.dataset.curate import (
+    JSON_INVALID,
+    OUTPUT_SCHEMA,
+    SeenSet,
+    StageCounts,
+    as_examples,
+    content_hashes,
+    eval_mask,
+    judge_scores,
+)
+from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
+from saige_k8s.dataset.stats import DatasetStats
+from saige_k8s.dataset.writer import DatasetWriter, new_dataset_id
+from saige_k8s.errors import InputError, NoExamplesError
+from saige_k8s.experiences.filters import Filters
+from saige_k8s.experiences.query import CANDIDATE, funnel_query, rows_query
+from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
+from saige_k8s.experiences.source import SourceTable, open_source, redact, resolve_url, stream
+
+log = logging.getLogger(__name__)
+
+SQL_INVALID = (
+    "empty_user_message",
+    "empty_response",
+    "missing_harm",
+    "harm_out_of_range",
+    "component_out_of_range",
+    "unknown_alignment",
+    "weighted_score_out_of_range",
+)
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    db: str | None
+    data_root: Path
+    table: str = "experiences"
+    db_schema: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
+    filters: Filters = field(default_factory=Filters)
+    format: FormatName = "tinyllama"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    eval_fraction: float = 0.0
+    dataset_id: str | None = None
+    csv_path: Path | None = None
+    strict: bool = False
+    progress: bool = False
+    #: False forces SQLAlchemy's cursor instead of ADBC (any database; slower).
+    adbc: bool = True
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """One line's worth: what a controller reads from the pod's termination message."""
+        counts = self.manifest["counts"]
+        return {"dataset_id": self.manifest["dataset_id"], **{k: counts[k] for k in ("scanned", "kept", "train", "eval")}}
+
+
+def extract(request: ExtractRequest) -> ExtractResult:
+    started = time.perf_counter()
+    url = resolve_url(request.db)
+    source = open_source(url, request.table, request.columns, request.db_schema)
+    judgement = source.judge(request.filters)
+    dataset_id = request.dataset_id or new_dataset_id()
+    writer = DatasetWriter(request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel") as pool:
+            funnel_future = pool.submit(_run_funnel, source, judgement, request.adbc)
+            read = _write_candidates(request, source, judgement, writer)
+            funnel = funnel_future.result()
+        manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
+        _check(request, source, judgement, manifest, read)
+        path = writer.publish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return ExtractResult(path, manifest)
+
+
+def _run_funnel(source: SourceTable, judgement, adbc: bool) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    with stream(source.url, funnel_query(judgement, source.dialect), adbc) as batches:
+        table = pa.Table.from_batches(list(batches))
+    return {row.pop("verdict"): row for row in table.to_pylist()}
+
+
+@dataclass
+class _Read:
+    """What the candidate stream produced; with the funnel, every scanned row is accounted for."""
+
+    stage: StageCounts = field(default_factory=StageCounts)
+    stats: DatasetStats = field(default_factory=DatasetStats)
+    fetched: int = 0
+    duplicates: int = 0
+    #: Candidates read, judged and unique, but past --limit.
+    cut: int = 0
+    reached_limit: bool = False
+
+
+def _write_candidates(request: ExtractRequest, source: SourceTable, judgement, writer: DatasetWriter) -> _Read:  # noqa: ANN001
+    fmt = FORMATS[request.format]
+    read = _Read()
+    seen = SeenSet()
+    limit = request.filters.limit
+    progress = _progress(request.progress)
+    with stream(source.url, rows_query(judgement, source.id_is_integer), request.adbc) as batches:
+        for raw in batches:
+            read.fetched += len(raw)
+            progress.update(len(raw))
+            judged = judge_scores(raw, request.filters, read.stage)
+            if request.strict and read.stage.first_invalid:
+                break
+            examples = as_examples(judged, fmt, request.system_prompt)
+            fresh = seen.first_occurrences(content_hashes(examples.column("text")))
+            read.duplicates += int((~fresh).sum())
+            examples = examples.filter(pa.array(fresh))
+            if limit is not None and read.stats.rows + len(examples) >= limit:
+                keep = limit - read.stats.rows
+                read.cut = len(examples) - keep
+                read.reached_limit = True
+                _write(writer, read.stats, examples.slice(0, keep), request.eval_fraction)
+                break
+            _write(writer, read.stats, examples, request.eval_fraction)
+    progress.close()
+    return read
+
+
+def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, eval_fraction: float) -> None:
+    writer.write(examples, eval_mask(examples.column("id"), eval_fraction))
+    stats.add(examples)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool):  # noqa: ANN202 - tqdm or a stand-in with the same two methods
+    if not (enabled and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(desc="candidates", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
+
+
+def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started):  # noqa: ANN001, ANN202
+    """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
+    sql_candidates = int(funnel.get(CANDIDATE, {}).get("rows", 0))
+    invalid = {r: int(funnel.get(f"invalid:{r}", {}).get("rows", 0)) for r in SQL_INVALID}
+    invalid.update({r: read.stage.invalid[r] for r in JSON_INVALID})
+    removed = {name: int(funnel.get(f"filter:{name}", {}).get("rows", 0)) for name in request.filters.filter_names()}
+    for name, n in read.stage.removed.items():
+        removed[name] = removed.get(name, 0) + n
+    unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
+    if not read.reached_limit and read.fetched != sql_candidates:
+        log.warning("the table changed during extraction (%d candidates counted, %d read); counts use what was read",
+                    sql_candidates, read.fetched)
+    beyond_limit = read.cut + unread
+    duplicates = read.duplicates
+    stats = read.stats
+    scanned = sum(int(v["rows"]) for k, v in funnel.items() if k != CANDIDATE) + read.fetched + unread
+    elapsed = time.perf_counter() - started
+    source_stats = _source_stats(funnel)
+    funnel_steps = []
+    remaining = scanned
+    for step, n in (("invalid", sum(invalid.values())), *removed.items(), ("duplicates", duplicates),
+                    ("limit", beyond_limit)):
+        remaining -= n
+        funnel_steps.append({"step": step, "removed": n, "remaining": remaining})
+    return {
+        "schema_version": 1,
+        "dataset_id": dataset_id,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "saige_k8s_version": __version__,
+        "format": request.format,
+        "system_prompt": request.system_prompt,
+        "eval_fraction": request.eval_fraction,
+        "source": {"url": redact(source.url), "dialect": source.dialect, "table": source.table.name,
+                   "columns": {k: v for k, v in source.mapping.items() if v is not None}},
+        "filters": request.filters.model_dump(),
+        "counts": {"scanned": scanned, "kept": stats.rows, "train": writer.rows["train"], "eval": writer.rows["eval"],
+                   "duplicates": duplicates, "beyond_limit": beyond_limit,
+                   "invalid_total": sum(invalid.values()), "removed_total": sum(removed.values())},
+        "invalid": invalid,
+        "removed": removed,
+        "funnel": funnel_steps,
+        "stats": stats.as_dict(),
+        "source_stats": source_stats,
+        "duration_seconds": elapsed,
+        "rows_per_second": scanned / elapsed if elapsed > 0 else None,
+    }
+
+
+def _source_stats(funnel: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Harm and virtue of *all* experiences in the table, to track over time (seed's "metrics")."""
+    groups = list(funnel.values())
+    total = sum(int(g["rows"]) for g in groups)
+    harm_n = sum(int(g["harm_count"]) for g in groups)
+    weighted_n = sum(int(g["weighted_count"]) for g in groups)
+    labels = {level: sum(int(g[f"alignment_{level}"] or 0) for g in groups) for level in ALIGNMENT_LEVELS}
+    labelled = sum(labels.values())
+    return {
+        "rows": total,
+        "mean_harm": sum(float(g["harm_sum"] or 0) for g in groups) / harm_n if harm_n else None,
+        "mean_weighted_score": sum(float(g["weighted_sum"] or 0) for g in groups) / weighted_n if weighted_n else None,
+        "alignment": labels,
+        "alignment_ratio": {k: (v / labelled if labelled else None) for k, v in labels.items()},
+    }
+
+
+def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: dict[str, Any], read: _Read) -> None:  # noqa: ANN001
+    if request.strict and manifest["counts"]["invalid_total"]:
+        reason, count = next((r, n) for r, n in manifest["invalid"].items() if n)
+        example = read.stage.first_invalid[1] if read.stage.first_invalid and read.stage.first_invalid[0] == reason else (
+            _first_id(source, judgement, reason)
+        )
+        raise InputError(
+            f"--strict: {count} unusable row(s), first reason {reason!r} (e.g. id {example}); "
+            "fix the rows or drop --strict to skip and count them"
+        )
+    if manifest["counts"]["kept"] == 0:
+        steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"])
+        hint = request.filters.relax_hint(manifest["removed"])
+        raise NoExamplesError(
+            f"no experiences passed the filters ({manifest['counts']['scanned']} scanned; {steps or 'table empty'}); {hint}"
+        )
+
+
+def _first_id(source: SourceTable, judgement, reason: str) -> str:  # noqa: ANN001
+    query = sa.select(judgement.columns["id"]).where(judgement.verdict == f"invalid:{reason}").limit(1)
+    with stream(source.url, query, adbc=False) as batches:
+        for batch in batches:
+            if len(batch):
+                return str(batch.column(0)[0].as_py())
+    return "?"

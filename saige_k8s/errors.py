@@ -1,0 +1,33 @@
+"""The project's exceptions. The CLI turns each into one line on stderr and its exit code."""
+
+from __future__ import annotations
+
+
+class SaigeError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(SaigeError):
+    """Bad input from the user: flags, spec, database contents, paths (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """An invalid spec, flag combination or column mapping."""
+
+
+class InputError(UsageError):
+    """The data or the place it comes from cannot be used as asked."""
+
+
+class NoExamplesError(InputError):
+    """Nothing passed the filters; the message says which filter to relax."""
+
+
+class RuntimeFailure(SaigeError):
+    """Something failed while running: I/O, a lost connection, a killed subprocess (exit 1)."""
+
+    exit_code = 1

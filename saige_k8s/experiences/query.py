@@ -1,0 +1,146 @@
+"""Filters as SQL: the database judges every row on its plain columns, in one CASE expression.
+
+The same ``verdict`` expression drives both queries an extraction runs, so the funnel and
+the extracted rows cannot disagree: the funnel groups the whole table by verdict; the row
+query keeps ``verdict = 'candidate'``, behind cheap implied conditions so the database
+rejects most rows early. Checks that need the ``buddhist_scores`` JSON run afterwards on the
+candidates, in Arrow (``saige_k8s.dataset.curate``): every database can run this SQL, and
+JSON parsing there would cost more than the whole scan. Identifiers come from the reflected
+table and are quoted by SQLAlchemy; thresholds are bound parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+
+from saige_k8s.experiences.filters import Filters
+from saige_k8s.experiences.schema import (
+    ALIGNMENT_LEVELS,
+    COLUMNS,
+    HARM_COMPONENTS,
+    HARM_RANGE,
+    SCORE_RANGE,
+    alignments_at_least,
+)
+
+CANDIDATE = "candidate"
+
+#: Columns of the row query, in order, by logical name.
+ROW_COLUMNS = (
+    "id",
+    "created_at",
+    "user_message",
+    "context",
+    "response",
+    "model",
+    "difficulty",
+    "actual_harm",
+    *HARM_COMPONENTS,
+    "buddhist_weighted_score",
+    "buddhist_scores",
+    "buddhist_alignment",
+)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The SQL pieces an extraction needs, built once per (table, filters)."""
+
+    columns: dict[str, ColumnElement]
+    alignment: ColumnElement
+    verdict: ColumnElement
+    prefilter: ColumnElement
+
+
+def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> Judgement:
+    """``mapping``: logical column -> physical column of ``table`` (None: the table lacks it)."""
+    col: dict[str, ColumnElement] = {
+        name: (table.c[physical] if physical is not None else sa.null()) for name, physical in mapping.items()
+    }
+    for name in COLUMNS:
+        col.setdefault(name, sa.null())
+    harm = col["actual_harm"]
+    stored_weighted = col["buddhist_weighted_score"]
+    alignment = sa.func.lower(sa.func.trim(col["buddhist_alignment"]))
+
+    def blank(c: ColumnElement) -> ColumnElement[bool]:
+        return sa.or_(c.is_(None), sa.func.trim(c) == "")
+
+    def outside(c: ColumnElement, bounds: tuple[float, float]) -> ColumnElement[bool]:
+        return sa.or_(c < bounds[0], c > bounds[1])
+
+    invalid = [
+        ("empty_user_message", blank(col["user_message"])),
+        ("empty_response", blank(col["response"])),
+        ("missing_harm", harm.is_(None)),
+        ("harm_out_of_range", outside(harm, HARM_RANGE)),
+        ("component_out_of_range", sa.or_(*(outside(col[c], HARM_RANGE) for c in HARM_COMPONENTS))),
+        ("unknown_alignment", sa.or_(alignment.is_(None), alignment.not_in(ALIGNMENT_LEVELS))),
+        ("weighted_score_out_of_range", outside(stored_weighted, SCORE_RANGE)),
+    ]
+    kept_labels = alignments_at_least(filters.min_alignment)
+    rejected = [
+        ("max_harm", harm >= filters.max_harm),
+        *((f"max_{c}", col[c] >= v) for c, v in filters.component_maxima().items()),
+        ("min_alignment", alignment.not_in(kept_labels)),
+        # A NULL stored score is computed from the JSON and judged in the Arrow stage.
+        ("min_buddhist", stored_weighted < filters.min_buddhist),
+    ]
+    verdict = sa.case(
+        *((cond, f"invalid:{reason}") for reason, cond in invalid),
+        *((cond, f"filter:{name}") for name, cond in rejected),
+        else_=CANDIDATE,
+    )
+    prefilter = sa.and_(harm < filters.max_harm, alignment.in_(kept_labels))
+    return Judgement(col, alignment, verdict, prefilter)
+
+
+def funnel_query(j: Judgement, dialect: str) -> sa.Select:
+    """Rows per verdict, plus sums over usable values for the source-table aggregates."""
+    harm = j.columns["actual_harm"]
+    weighted = j.columns["buddhist_weighted_score"]
+    judged = sa.select(
+        j.verdict.label("verdict"),
+        sa.case((sa.and_(harm >= 0, harm <= 1), harm)).label("harm"),
+        sa.case((sa.and_(weighted >= 0, weighted <= 10), weighted)).label("weighted"),
+        j.alignment.label("alignment"),
+    )
+    if dialect == "sqlite":
+        # LIMIT -1 keeps SQLite from flattening the subquery and evaluating the CASE twice.
+        judged = judged.limit(-1)
+    inner = judged.subquery("judged")
+    return sa.select(
+        inner.c.verdict,
+        sa.func.count().label("rows"),
+        sa.func.count(inner.c.harm).label("harm_count"),
+        sa.func.sum(inner.c.harm).label("harm_sum"),
+        sa.func.count(inner.c.weighted).label("weighted_count"),
+        sa.func.sum(inner.c.weighted).label("weighted_sum"),
+        *(
+            sa.func.sum(sa.case((inner.c.alignment == level, 1), else_=0)).label(f"alignment_{level}")
+            for level in ALIGNMENT_LEVELS
+        ),
+    ).group_by(inner.c.verdict)
+
+
+def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
+    """The candidates, ordered by id, with every column cast to one type per column."""
+    text, real = sa.Text, sa.Float
+    kinds = {
+        "id": sa.BigInteger if id_is_integer else text,
+        "created_at": None,
+        "actual_harm": real,
+        "buddhist_weighted_score": real,
+        **dict.fromkeys(HARM_COMPONENTS, real),
+    }
+    exprs: dict[str, ColumnElement] = {}
+    for name in ROW_COLUMNS:
+        expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
+        kind = kinds.get(name, text)
+        # Casts give the Arrow result one type per column even where SQLite mixes storage classes.
+        exprs[name] = sa.cast(expr, kind) if kind is not None else expr
+    query = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS)).where(j.prefilter, j.verdict == CANDIDATE)
+    return query.order_by(j.columns["id"])

@@ -1,0 +1,210 @@
+"""Where experiences come from: a database URL, checked against the real table, read as Arrow.
+
+SQLAlchemy names the database, reflects the table, quotes identifiers and compiles the
+queries; ADBC drivers run them and hand back Arrow record batches, so no row ever becomes a
+Python object on the way to Parquet.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from saige_k8s.errors import ConfigError, InputError, RuntimeFailure
+from saige_k8s.experiences.filters import Filters
+from saige_k8s.experiences.query import Judgement, judge
+from saige_k8s.experiences.schema import COLUMNS, REQUIRED_COLUMNS
+
+DB_URL_ENV = "SAIGE_DB_URL"
+_BATCH_ROWS = 65_536
+
+
+def resolve_url(db: str | None) -> URL:
+    """``db`` as given (URL or bare SQLite path), else ``$SAIGE_DB_URL``."""
+    raw = db if db else os.environ.get(DB_URL_ENV)
+    if not raw:
+        raise ConfigError(f"no database given: pass --db PATH_OR_URL or set {DB_URL_ENV}")
+    if "://" not in raw:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise InputError(f"database file not found: {path}")
+        return URL.create("sqlite", database=str(path.resolve()))
+    try:
+        url = make_url(raw)
+    except sa.exc.ArgumentError:
+        raise ConfigError("database URL is not a valid SQLAlchemy URL (value not shown)") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).is_file():
+            raise InputError(f"database file not found: {url.database}")
+    return url
+
+
+def redact(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def scrub(message: str, url: URL) -> str:
+    """A driver's error text with the password removed, cut to its first line."""
+    first = (message.strip().splitlines() or [""])[0]
+    if url.password:
+        first = first.replace(str(url.password), "***")
+    return re.sub(r"://([^:/@\s]+):[^@\s]+@", r"://\1:***@", first)
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A reflected experiences table and the physical column behind each logical one."""
+
+    url: URL
+    table: sa.Table
+    mapping: dict[str, str | None]
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    def judge(self, filters: Filters) -> Judgement:
+        return judge(self.table, self.mapping, filters)
+
+    @property
+    def id_is_integer(self) -> bool:
+        column = self.table.c[self.mapping["id"]]
+        return isinstance(column.type, sa.Integer)
+
+
+def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | None = None) -> SourceTable:
+    """Reflect ``table`` and check the column mapping against it."""
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if unknown:
+        raise ConfigError(f"source.columns: unknown key(s) {unknown}; valid keys are {list(COLUMNS)}")
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(table, schema=schema):
+                found = sorted(inspector.get_table_names(schema=schema))
+                raise InputError(
+                    f"table {table!r} not found in {redact(url)} (tables: {', '.join(found) or 'none'}); "
+                    "set source.table in the spec or pass --table"
+                )
+            reflected = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=conn)
+    except sa.exc.OperationalError as exc:
+        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise RuntimeFailure(f"cannot read {redact(url)}: {scrub(str(exc), url)}") from None
+    finally:
+        engine.dispose()
+    present = {c.name for c in reflected.columns}
+    mapping: dict[str, str | None] = {}
+    for logical in COLUMNS:
+        physical = columns.get(logical, logical)
+        if physical in present:
+            mapping[logical] = physical
+        elif logical in REQUIRED_COLUMNS or logical in columns:
+            raise InputError(
+                f"column {physical!r} not found in table {table!r} (columns: {', '.join(sorted(present))}); "
+                f"map it with source.columns.{logical} in the spec"
+            )
+        else:
+            mapping[logical] = None
+    return SourceTable(url, reflected, mapping)
+
+
+ADBC_BACKENDS = ("sqlite", "postgresql")
+
+
+def _adbc_connect(url: URL):  # noqa: ANN202 - the ADBC DB-API connection type is driver-specific
+    if url.get_backend_name() == "sqlite":
+        import adbc_driver_sqlite.dbapi as driver
+
+        return driver.connect(url.database or ":memory:")
+    import adbc_driver_postgresql.dbapi as driver
+
+    return driver.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+def _compile(statement: sa.Select, url: URL) -> tuple[str, list]:
+    """SQL text in the ADBC driver's placeholder style, with its bound values in order."""
+    dialect_cls = sa.dialects.registry.load(url.get_backend_name())
+    dialect = dialect_cls(paramstyle="qmark" if url.get_backend_name() == "sqlite" else "numeric_dollar")
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+    names = compiled.positiontup or []
+    return str(compiled), [compiled.params[name] for name in names]
+
+
+@contextmanager
+def stream(url: URL, statement: sa.Select, adbc: bool = True) -> Iterator[Iterator[pa.RecordBatch]]:
+    """Run ``statement`` and stream its result as Arrow record batches.
+
+    SQLite and PostgreSQL go through ADBC (columnar end to end); any other SQLAlchemy
+    database, or ``adbc=False``, through SQLAlchemy's server-side cursor in chunks.
+    """
+    if adbc and url.get_backend_name() in ADBC_BACKENDS:
+        with _stream_adbc(url, statement) as batches:
+            yield batches
+    else:
+        with _stream_sqlalchemy(url, statement) as batches:
+            yield batches
+
+
+@contextmanager
+def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
+    sql, params = _compile(statement, url)
+    try:
+        conn = _adbc_connect(url)
+    except Exception as exc:  # noqa: BLE001 - ADBC drivers raise their own DB-API error classes
+        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc), url)}") from None
+    try:
+        cursor = conn.cursor()
+        if url.get_backend_name() == "sqlite":
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
+        try:
+            cursor.execute(sql, params or None)
+            reader = cursor.fetch_record_batch()
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+        yield _guarded(reader, url)
+    finally:
+        conn.close()
+
+
+def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordBatch]:
+    """Driver errors while reading become RuntimeFailure with the password scrubbed."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeFailure(f"reading from {redact(url)} failed: {scrub(str(exc), url)}") from None
+        yield batch
+
+
+@contextmanager
+def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            try:
+                result = conn.execution_options(stream_results=True, yield_per=_BATCH_ROWS).execute(statement)
+            except sa.exc.SQLAlchemyError as exc:
+                raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+            names = list(result.keys())
+            yield _guarded(
+                (pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*part, strict=True)], names=names)
+                 for part in result.partitions()),
+                url,
+            )
+    except sa.exc.OperationalError as exc:
+        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+    finally:
+        engine.dispose()

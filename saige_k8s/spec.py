@@ -1,0 +1,119 @@
+"""PipelineSpec: one YAML document that says what a pipeline run does, validated on load.
+
+The same document is a ``jobs/*.yaml`` file, the Helm values' ``pipeline:`` block, and what
+the CLI builds from flags; flags given on the command line override the spec's values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
+from saige_k8s.errors import ConfigError
+from saige_k8s.experiences.filters import PRESETS, Alignment, Filters, Harm, PresetName, Score
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    #: SQLAlchemy URL or SQLite path. Leave unset to read $SAIGE_DB_URL (how Secrets arrive).
+    url: str | None = None
+    table: str = "experiences"
+    db_schema: str | None = Field(default=None, alias="schema")
+    #: Logical column -> the table's column, for tables that name them differently.
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
+class FilterSpec(_Strict):
+    """A preset, and any thresholds that differ from it."""
+
+    preset: PresetName = "default"
+    max_harm: Harm | None = None
+    min_buddhist: Score | None = None
+    min_alignment: Alignment | None = None
+    limit: Annotated[int, Field(gt=0)] | None = None
+    max_deception: Harm | None = None
+    max_harshness: Harm | None = None
+    max_omission: Harm | None = None
+    max_manipulation: Harm | None = None
+    min_ahimsa: Score | None = None
+    min_sacca: Score | None = None
+    min_karuna: Score | None = None
+    min_panna: Score | None = None
+    min_upekkha: Score | None = None
+    principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] | None = None
+
+    def resolve(self, **overrides: object) -> Filters:
+        """The effective filters: preset, then this spec's values, then ``overrides`` (flags)."""
+        values = self.model_dump(exclude={"preset"}, exclude_none=True)
+        values.update({k: v for k, v in overrides.items() if v is not None and k != "preset"})
+        preset = overrides.get("preset") or self.preset
+        try:
+            return Filters.from_preset(preset, **values)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "filters")) from None
+
+
+class ExtractSpec(_Strict):
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    format: FormatName = "tinyllama"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    strict: bool = False
+    #: A dataset with fewer examples is not worth training on; the controller stops there.
+    min_examples: Annotated[int, Field(ge=1)] = 100
+
+
+class PipelineSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")] = "saige"
+    #: The shared volume: datasets/ and runs/ live under it.
+    data_root: str = "./saige-data"
+    source: SourceSpec = Field(default_factory=SourceSpec)
+    extract: ExtractSpec = Field(default_factory=ExtractSpec)
+
+
+def load_spec(path: Path | str) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read spec {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_spec(data if data is not None else {}, str(path))
+
+
+def parse_spec(data: Any, origin: str = "spec") -> PipelineSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    """The first problem as ``origin: dotted.path: message`` (and how many more there are)."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif "input" in first and not isinstance(first["input"], dict | list):
+        message += f" (got {first['input']!r})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{origin}: {where}: {message}{more}"
+
+
+__all__ = ["PRESETS", "ExtractSpec", "FilterSpec", "PipelineSpec", "SourceSpec", "load_spec", "parse_spec"]
