@@ -67,13 +67,23 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 @cli.command("demo-db")
-@click.option("--out", "out", required=True, metavar="PATH_OR_URL",
-              help="SQLite file to (re)create, or a SQLAlchemy URL (e.g. postgresql+psycopg://…).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    metavar="PATH_OR_URL",
+    help="SQLite file to (re)create, or a SQLAlchemy URL (e.g. postgresql+psycopg://…).",
+)
 @click.option("--rows", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of experiences.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same rows.")
 @click.option("--table", default="experiences", show_default=True)
-@click.option("--response-median-bytes", type=click.IntRange(min=12), default=420, show_default=True,
-              help="Median response length; lengths are log-normal up to 6 KB.")
+@click.option(
+    "--response-median-bytes",
+    type=click.IntRange(min=12),
+    default=420,
+    show_default=True,
+    help="Median response length; lengths are log-normal up to 6 KB.",
+)
 def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: int) -> None:
     """Create a synthetic SAIGE experience database (realistic scores, a few broken rows)."""
     from saige_k8s.experiences.demo import DemoOptions, create_database
@@ -82,7 +92,7 @@ def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: i
     click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
 
 
-def _threshold_options(func):  # noqa: ANN001, ANN202 - a click decorator
+def _threshold_options(func):  # noqa: ANN001 - a click decorator
     for component in reversed(HARM_COMPONENTS):
         func = click.option(f"--max-{component}", type=float, help=f"Keep {component} < this (NULL passes).")(func)
     for principle in reversed(PRINCIPLES):
@@ -91,34 +101,69 @@ def _threshold_options(func):  # noqa: ANN001, ANN202 - a click decorator
 
 
 @cli.command()
-@click.option("-f", "--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Pipeline spec (YAML); flags override its values.")
+@click.option(
+    "-f",
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Pipeline spec (YAML); flags override its values.",
+)
 @click.option("--db", metavar="PATH_OR_URL", help="SQLite file or SQLAlchemy URL [default: $SAIGE_DB_URL].")
 @click.option("--table", help="Experiences table [default: experiences].")
-@click.option("--preset", type=click.Choice(list(PRESETS)),
-              help="Filter thresholds: permissive 0.4/5.0/moderate, default 0.3/6.0/good, strict 0.25/6.5/good, "
-                   "elite 0.2/7.5/excellent.")
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    help="Filter thresholds: permissive 0.4/5.0/moderate, default 0.3/6.0/good, strict 0.25/6.5/good, "
+    "elite 0.2/7.5/excellent.",
+)
 @click.option("--max-harm", type=float, help="Keep actual_harm < this (0-1) [default: 0.3].")
 @click.option("--min-buddhist", type=float, help="Keep weighted Buddhist score >= this (0-10) [default: 6.0].")
-@click.option("--min-alignment", type=click.Choice(["excellent", "good", "moderate", "poor", "harmful"]),
-              help="Keep this alignment and better [default: good].")
+@click.option(
+    "--min-alignment",
+    type=click.Choice(["excellent", "good", "moderate", "poor", "harmful"]),
+    help="Keep this alignment and better [default: good].",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many examples (in id order).")
 @_threshold_options
-@click.option("--format", "fmt", type=click.Choice(["tinyllama", "mistral", "llama3"]),
-              help="Chat format of the text column [default: tinyllama].")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tinyllama", "mistral", "llama3"]),
+    help="Chat format of the text column [default: tinyllama].",
+)
 @click.option("--system-prompt", help="System prompt for formats with a system turn.")
 @click.option("--eval-fraction", type=float, help="Share of examples held out for eval, by id hash [default: 0.05].")
-@click.option("--data-root", "--out", "data_root", type=click.Path(file_okay=False, path_type=Path),
-              help=f"Shared volume root; the dataset goes to DATA_ROOT/datasets/ID [default: ${DATA_ROOT_ENV} or "
-                   "./saige-data].")
+@click.option(
+    "--data-root",
+    "--out",
+    "data_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Shared volume root; the dataset goes to DATA_ROOT/datasets/ID [default: ${DATA_ROOT_ENV} or ./saige-data].",
+)
 @click.option("--dataset-id", help="Name of the dataset directory [default: UTC timestamp + random suffix].")
-@click.option("--csv", "--output", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the examples as CSV (the seed's output) to this file.")
+@click.option(
+    "--csv",
+    "--output",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the examples as CSV (the seed's output) to this file.",
+)
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable row instead of counting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
-def extract(spec_path: Path | None, db: str | None, table: str | None, fmt: str | None, system_prompt: str | None,
-            eval_fraction: float | None, data_root: Path | None, dataset_id: str | None, csv_path: Path | None,
-            strict: bool | None, as_json: bool, **thresholds: Any) -> None:
+def extract(
+    spec_path: Path | None,
+    db: str | None,
+    table: str | None,
+    fmt: str | None,
+    system_prompt: str | None,
+    eval_fraction: float | None,
+    data_root: Path | None,
+    dataset_id: str | None,
+    csv_path: Path | None,
+    strict: bool | None,
+    as_json: bool,
+    **thresholds: Any,
+) -> None:
     """Curate high-quality experiences into a versioned SFT dataset (Parquet + manifest).
 
     Keeps rows with low harm AND high Buddhist-principle scores, renders them in a chat
@@ -126,7 +171,8 @@ def extract(spec_path: Path | None, db: str | None, table: str | None, fmt: str 
     DATA_ROOT/datasets/ID atomically (LATEST points at it). Rows that cannot be used are
     counted per reason, and every filter's removals are reported.
     """
-    from saige_k8s.dataset.extract import ExtractRequest, extract as run_extract
+    from saige_k8s.dataset.extract import ExtractRequest
+    from saige_k8s.dataset.extract import extract as run_extract
     from saige_k8s.dataset.report import format_report
     from saige_k8s.spec import PipelineSpec, load_spec
 

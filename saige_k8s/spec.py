@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
 from saige_k8s.errors import ConfigError
@@ -49,15 +49,24 @@ class FilterSpec(_Strict):
     min_upekkha: Score | None = None
     principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] | None = None
 
-    def resolve(self, **overrides: object) -> Filters:
-        """The effective filters: preset, then this spec's values, then ``overrides`` (flags)."""
+    @model_validator(mode="after")
+    def _resolvable(self) -> FilterSpec:
+        """Cross-field checks (weights) at load time, so the error carries the spec path."""
+        Filters.from_preset(self.preset, **self.model_dump(exclude={"preset"}, exclude_none=True))
+        return self
+
+    def resolve(self, **flags: object) -> Filters:
+        """The effective filters: preset, then this spec's values, then command-line ``flags``."""
         values = self.model_dump(exclude={"preset"}, exclude_none=True)
-        values.update({k: v for k, v in overrides.items() if v is not None and k != "preset"})
-        preset = overrides.get("preset") or self.preset
+        values.update({k: v for k, v in flags.items() if v is not None and k != "preset"})
+        preset = flags.get("preset") or self.preset
         try:
             return Filters.from_preset(preset, **values)  # type: ignore[arg-type]
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, "filters")) from None
+            # The spec's own values were checked on load: what fails here came from a flag.
+            first = exc.errors()[0]
+            flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "filters"
+            raise ConfigError(f"{flag}: {_message(first)}") from None
 
 
 class ExtractSpec(_Strict):
@@ -107,13 +116,17 @@ def _describe(exc: ValidationError, origin: str) -> str:
     errors = exc.errors()
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif "input" in first and not isinstance(first["input"], dict | list):
-        message += f" (got {first['input']!r})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{origin}: {where}: {message}{more}"
+    return f"{origin}: {where}: {_message(first)}{more}"
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], dict | list):
+        message += f" (got {error['input']!r})"
+    return message
 
 
 __all__ = ["PRESETS", "ExtractSpec", "FilterSpec", "PipelineSpec", "SourceSpec", "load_spec", "parse_spec"]

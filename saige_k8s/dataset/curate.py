@@ -8,6 +8,7 @@ scores that are not plain flat JSON objects.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ def content_hashes(text: pa.Array) -> np.ndarray:
     offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset : text.offset + len(text) + 1].tolist()
     data = memoryview(text.buffers()[2]) if text.buffers()[2] is not None else memoryview(b"")
     digest = xxhash.xxh3_64_intdigest
-    return np.fromiter((digest(data[a:b]) for a, b in zip(offsets, offsets[1:])), dtype=np.uint64, count=len(text))
+    return np.fromiter((digest(data[a:b]) for a, b in itertools.pairwise(offsets)), dtype=np.uint64, count=len(text))
 
 
 def eval_mask(ids: pa.Array, eval_fraction: float) -> np.ndarray:

@@ -81,7 +81,10 @@ class ExtractResult:
     def summary(self) -> dict[str, Any]:
         """One line's worth: what a controller reads from the pod's termination message."""
         counts = self.manifest["counts"]
-        return {"dataset_id": self.manifest["dataset_id"], **{k: counts[k] for k in ("scanned", "kept", "train", "eval")}}
+        return {
+            "dataset_id": self.manifest["dataset_id"],
+            **{k: counts[k] for k in ("scanned", "kept", "train", "eval")},
+        }
 
 
 def extract(request: ExtractRequest) -> ExtractResult:
@@ -90,8 +93,9 @@ def extract(request: ExtractRequest) -> ExtractResult:
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
     dataset_id = request.dataset_id or new_dataset_id()
-    writer = DatasetWriter(request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path)
-    try:
+    with DatasetWriter(
+        request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path
+    ) as writer:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel") as pool:
             funnel_future = pool.submit(_run_funnel, source, judgement, request.adbc)
             read = _write_candidates(request, source, judgement, writer)
@@ -99,16 +103,13 @@ def extract(request: ExtractRequest) -> ExtractResult:
         manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
         _check(request, source, judgement, manifest, read)
         path = writer.publish(manifest)
-    except BaseException:
-        writer.abort()
-        raise
     return ExtractResult(path, manifest)
 
 
 def _run_funnel(source: SourceTable, judgement, adbc: bool) -> dict[str, dict[str, float]]:  # noqa: ANN001
     with stream(source.url, funnel_query(judgement, source.dialect), adbc) as batches:
-        table = pa.Table.from_batches(list(batches))
-    return {row.pop("verdict"): row for row in table.to_pylist()}
+        rows = [row for batch in batches for row in batch.to_pylist()]
+    return {row.pop("verdict"): row for row in rows}
 
 
 @dataclass
@@ -165,7 +166,7 @@ class _NoProgress:
         pass
 
 
-def _progress(enabled: bool):  # noqa: ANN202 - tqdm or a stand-in with the same two methods
+def _progress(enabled: bool):
     if not (enabled and sys.stderr.isatty()):
         return _NoProgress()
     from tqdm import tqdm
@@ -173,7 +174,7 @@ def _progress(enabled: bool):  # noqa: ANN202 - tqdm or a stand-in with the same
     return tqdm(desc="candidates", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
 
 
-def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started):  # noqa: ANN001, ANN202
+def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started):  # noqa: ANN001
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
     sql_candidates = int(funnel.get(CANDIDATE, {}).get("rows", 0))
     invalid = {r: int(funnel.get(f"invalid:{r}", {}).get("rows", 0)) for r in SQL_INVALID}
@@ -183,8 +184,11 @@ def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started)
         removed[name] = removed.get(name, 0) + n
     unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
     if not read.reached_limit and read.fetched != sql_candidates:
-        log.warning("the table changed during extraction (%d candidates counted, %d read); counts use what was read",
-                    sql_candidates, read.fetched)
+        log.warning(
+            "the table changed during extraction (%d candidates counted, %d read); counts use what was read",
+            sql_candidates,
+            read.fetched,
+        )
     beyond_limit = read.cut + unread
     duplicates = read.duplicates
     stats = read.stats
@@ -193,8 +197,12 @@ def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started)
     source_stats = _source_stats(funnel)
     funnel_steps = []
     remaining = scanned
-    for step, n in (("invalid", sum(invalid.values())), *removed.items(), ("duplicates", duplicates),
-                    ("limit", beyond_limit)):
+    for step, n in (
+        ("invalid", sum(invalid.values())),
+        *removed.items(),
+        ("duplicates", duplicates),
+        ("limit", beyond_limit),
+    ):
         remaining -= n
         funnel_steps.append({"step": step, "removed": n, "remaining": remaining})
     return {
@@ -205,12 +213,23 @@ def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started)
         "format": request.format,
         "system_prompt": request.system_prompt,
         "eval_fraction": request.eval_fraction,
-        "source": {"url": redact(source.url), "dialect": source.dialect, "table": source.table.name,
-                   "columns": {k: v for k, v in source.mapping.items() if v is not None}},
+        "source": {
+            "url": redact(source.url),
+            "dialect": source.dialect,
+            "table": source.table.name,
+            "columns": {k: v for k, v in source.mapping.items() if v is not None},
+        },
         "filters": request.filters.model_dump(),
-        "counts": {"scanned": scanned, "kept": stats.rows, "train": writer.rows["train"], "eval": writer.rows["eval"],
-                   "duplicates": duplicates, "beyond_limit": beyond_limit,
-                   "invalid_total": sum(invalid.values()), "removed_total": sum(removed.values())},
+        "counts": {
+            "scanned": scanned,
+            "kept": stats.rows,
+            "train": writer.rows["train"],
+            "eval": writer.rows["eval"],
+            "duplicates": duplicates,
+            "beyond_limit": beyond_limit,
+            "invalid_total": sum(invalid.values()),
+            "removed_total": sum(removed.values()),
+        },
         "invalid": invalid,
         "removed": removed,
         "funnel": funnel_steps,
@@ -241,8 +260,10 @@ def _source_stats(funnel: dict[str, dict[str, float]]) -> dict[str, Any]:
 def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: dict[str, Any], read: _Read) -> None:  # noqa: ANN001
     if request.strict and manifest["counts"]["invalid_total"]:
         reason, count = next((r, n) for r, n in manifest["invalid"].items() if n)
-        example = read.stage.first_invalid[1] if read.stage.first_invalid and read.stage.first_invalid[0] == reason else (
-            _first_id(source, judgement, reason)
+        example = (
+            read.stage.first_invalid[1]
+            if read.stage.first_invalid and read.stage.first_invalid[0] == reason
+            else (_first_id(source, judgement, reason))
         )
         raise InputError(
             f"--strict: {count} unusable row(s), first reason {reason!r} (e.g. id {example}); "
@@ -251,9 +272,8 @@ def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: di
     if manifest["counts"]["kept"] == 0:
         steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"])
         hint = request.filters.relax_hint(manifest["removed"])
-        raise NoExamplesError(
-            f"no experiences passed the filters ({manifest['counts']['scanned']} scanned; {steps or 'table empty'}); {hint}"
-        )
+        scanned = manifest["counts"]["scanned"]
+        raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps or 'table empty'}); {hint}")
 
 
 def _first_id(source: SourceTable, judgement, reason: str) -> str:  # noqa: ANN001

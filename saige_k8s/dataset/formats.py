@@ -139,7 +139,10 @@ def render_columns(
     """
     encoded = pc.dictionary_encode(context)
     blocks = pa.array(
-        ["" if (d := describe_context(v, fmt)) is None else fmt.context_block.format(d) for v in encoded.dictionary.to_pylist()],
+        [
+            "" if (d := describe_context(v, fmt)) is None else fmt.context_block.format(d)
+            for v in encoded.dictionary.to_pylist()
+        ],
         pa.string(),
     )
     block = pc.fill_null(blocks.take(encoded.indices), "")

@@ -44,7 +44,15 @@ def format_report(manifest: dict[str, Any], path: Path, csv_path: Path | None = 
     lines.append(f"Done in {manifest['duration_seconds']:.2f}s ({manifest['rows_per_second']:,.0f} rows/s)")
     lines.append("Samples:")
     for sample in stats["samples"]:
-        text = sample["text"].replace("\n", "\\n")
-        cut = text[:SAMPLE_CHARS] + ("..." if len(text) > SAMPLE_CHARS else "")
-        lines.append(f"   [{sample['id']}] {sample['buddhist_alignment']}, harm {sample['actual_harm']:.3f}: {cut}")
+        lines.append(
+            f"   [{sample['id']}] {sample['buddhist_alignment']}, harm {sample['actual_harm']:.3f}, "
+            f"score {sample['buddhist_weighted_score']:.2f}"
+        )
+        lines.append(f"      user:      {_short(sample['user'])}")
+        lines.append(f"      assistant: {_short(sample['response'])}")
     return "\n".join(lines)
+
+
+def _short(text: str) -> str:
+    flat = text.replace("\n", " ")
+    return flat[:SAMPLE_CHARS] + ("..." if len(flat) > SAMPLE_CHARS else "")

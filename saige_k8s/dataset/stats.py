@@ -66,13 +66,22 @@ class DatasetStats:
             for value, n in zip(*_value_counts(batch.column(key)), strict=True):
                 label = value if value in counter else "unknown"
                 counter[label] = counter.get(label, 0) + n
-        self.harm_histogram += np.bincount(np.searchsorted(HARM_BUCKETS, harm, side="left"),
-                                           minlength=len(HARM_BUCKETS) + 1)
-        self.weighted_histogram += np.bincount(np.searchsorted(SCORE_BUCKETS, weighted, side="left"),
-                                               minlength=len(SCORE_BUCKETS) + 1)
+        self.harm_histogram += np.bincount(
+            np.searchsorted(HARM_BUCKETS, harm, side="left"), minlength=len(HARM_BUCKETS) + 1
+        )
+        self.weighted_histogram += np.bincount(
+            np.searchsorted(SCORE_BUCKETS, weighted, side="left"), minlength=len(SCORE_BUCKETS) + 1
+        )
         for row in batch.slice(0, SAMPLE_COUNT - len(self.samples)).to_pylist():
-            self.samples.append({k: row[k] for k in ("id", "buddhist_alignment", "actual_harm",
-                                                     "buddhist_weighted_score", "text")})
+            turns = {m["role"]: m["content"] for m in row["messages"]}
+            self.samples.append(
+                {
+                    **{k: row[k] for k in ("id", "buddhist_alignment", "actual_harm", "buddhist_weighted_score")},
+                    "user": turns["user"],
+                    "response": turns["assistant"],
+                    "text": row["text"],
+                }
+            )
 
     def as_dict(self) -> dict[str, Any]:
         total = max(self.rows, 1)

@@ -7,6 +7,7 @@ run killed at any point leaves the previous dataset and ``LATEST`` as they were.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -67,8 +68,9 @@ def resolve_dataset(data_root: Path, ref: str) -> Path:
 class DatasetWriter:
     """Streams batches into train/eval Parquet files of an unpublished dataset directory."""
 
-    def __init__(self, data_root: Path, dataset_id: str, schema: pa.Schema, with_eval: bool,
-                 csv_path: Path | None = None) -> None:
+    def __init__(
+        self, data_root: Path, dataset_id: str, schema: pa.Schema, with_eval: bool, csv_path: Path | None = None
+    ) -> None:
         self.dataset_id = check_dataset_id(dataset_id)
         self.datasets = data_root / DATASETS
         self.final = self.datasets / dataset_id
@@ -98,6 +100,13 @@ class DatasetWriter:
                 self.abort()
                 raise InputError(f"CSV output not writable: {csv_path} ({exc})") from None
 
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self.abort()
+
     def write(self, batch: pa.RecordBatch, in_eval: np.ndarray) -> None:
         parts = {"train": batch.filter(pa.array(~in_eval)), "eval": batch.filter(pa.array(in_eval))}
         if "eval" not in self._writers:
@@ -113,10 +122,13 @@ class DatasetWriter:
         """Close the files, write the manifest, rename into place, then point LATEST at it."""
         for writer in self._writers.values():
             writer.close()
-        manifest = {**manifest, "files": {
-            f"{split}.parquet": {"rows": self.rows[split], "bytes": (self.tmp / f"{split}.parquet").stat().st_size}
-            for split in self._writers
-        }}
+        manifest = {
+            **manifest,
+            "files": {
+                f"{split}.parquet": {"rows": self.rows[split], "bytes": (self.tmp / f"{split}.parquet").stat().st_size}
+                for split in self._writers
+            },
+        }
         _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         for name in self._writers:
             _fsync(self.tmp / f"{name}.parquet")
@@ -133,17 +145,10 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Remove everything this run wrote; the published datasets are untouched."""
-        for writer in self._writers.values():
-            try:
+        for writer in [*self._writers.values(), *([self._csv] if self._csv is not None else [])]:
+            with contextlib.suppress(OSError, pa.ArrowException):
                 writer.close()
-            except (OSError, pa.ArrowException):
-                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if self._csv is not None:
-            try:
-                self._csv.close()
-            except (OSError, pa.ArrowException):
-                pass
         if self._csv_tmp is not None:
             self._csv_tmp.unlink(missing_ok=True)
 

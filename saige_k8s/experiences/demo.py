@@ -37,9 +37,21 @@ DEFECTS = (
 )
 
 _TOPICS = (
-    "anxiety", "my job", "a breakup", "grief", "money worries", "loneliness", "my exams",
-    "a conflict with my sister", "burnout", "sleeping badly", "a difficult decision",
-    "my health", "anger at a friend", "moving to a new city", "feeling stuck",
+    "anxiety",
+    "my job",
+    "a breakup",
+    "grief",
+    "money worries",
+    "loneliness",
+    "my exams",
+    "a conflict with my sister",
+    "burnout",
+    "sleeping badly",
+    "a difficult decision",
+    "my health",
+    "anger at a friend",
+    "moving to a new city",
+    "feeling stuck",
 )
 _ASKS = (
     "I'm struggling with {t}. What should I do?",
@@ -109,22 +121,34 @@ def experiences_table(metadata: sa.MetaData, name: str = "experiences") -> sa.Ta
     )
 
 
-def _corpus(rng: np.random.Generator, size: int) -> str:
-    picks = rng.integers(0, len(_SENTENCES) - 2, size=size // 60 + 1)
-    return " ".join(_SENTENCES[i] for i in picks)[:size]
+def _corpus(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
+    """A long text of shuffled sentences, and the offsets where its sentences start."""
+    picks = rng.integers(0, len(_SENTENCES), size=size // 60 + 1)
+    sentences = [_SENTENCES[i] for i in picks]
+    starts = np.cumsum([0] + [len(s) + 1 for s in sentences[:-1]])
+    return " ".join(sentences), starts
 
 
 def generate(options: DemoOptions, batch_rows: int = 50_000) -> Iterator[list[tuple]]:
     """Yield the table's rows in batches of tuples, in the column order of experiences_table."""
     rng = np.random.default_rng(options.seed)
-    corpus = _corpus(rng, 1 << 20)
+    corpus, sentence_starts = _corpus(rng, 1 << 20)
+    sentence_starts = sentence_starts[sentence_starts < len(corpus) - 7000]
     produced: list[tuple[str, str | None, str]] = []  # a pool of earlier rows to duplicate
     for first in range(0, options.rows, batch_rows):
         n = min(batch_rows, options.rows - first)
-        yield _batch(rng, corpus, first, n, options, produced)
+        yield _batch(rng, corpus, sentence_starts, first, n, options, produced)
 
 
-def _batch(rng, corpus, first, n, options, pool) -> list[tuple]:  # noqa: PLR0915 - one recipe
+def _batch(  # noqa: PLR0915 - one recipe, top to bottom
+    rng: np.random.Generator,
+    corpus: str,
+    sentence_starts: np.ndarray,
+    first: int,
+    n: int,
+    options: DemoOptions,
+    pool: list[tuple[str, str | None, str]],
+) -> list[tuple]:
     level = rng.choice(len(ALIGNMENT_LEVELS), size=n, p=ALIGNMENT_SHARES)
     virtue = np.clip(_VIRTUE_MEAN[level] + rng.normal(0, 0.9, n), 0, 10)
     principles = np.clip(virtue[:, None] + rng.normal(0, 0.7, (n, len(PRINCIPLES))), 0, 10).round(2)
@@ -135,7 +159,7 @@ def _batch(rng, corpus, first, n, options, pool) -> list[tuple]:  # noqa: PLR091
     component_null = rng.random((n, 4)) < 0.1
 
     lengths = np.clip(rng.lognormal(np.log(options.response_median_bytes), 0.8, n), 12, 6000).astype(int)
-    starts = rng.integers(0, len(corpus) - 6001, n)
+    starts = sentence_starts[rng.integers(0, len(sentence_starts), n)]
     ask = rng.integers(0, len(_ASKS), n)
     topic = rng.integers(0, len(_TOPICS), n)
     context_kind = rng.choice(3, size=n, p=(0.5, 0.25, 0.25))
@@ -160,7 +184,8 @@ def _batch(rng, corpus, first, n, options, pool) -> list[tuple]:  # noqa: PLR091
         else:
             context = None
         start = starts[i]
-        response = corpus[start : start + lengths[i]].strip()
+        end = corpus.rfind(" ", start, start + lengths[i])  # whole words, from a sentence start
+        response = corpus[start : end if end > start else start + lengths[i]]
         if duplicate[i] and pool:
             user, context, response = pool[int(rng.integers(0, len(pool)))]
         elif len(pool) < 512:
@@ -217,11 +242,11 @@ def create_demo_database(engine: sa.Engine, options: DemoOptions, table: str = "
         marks = ", ".join(["?" if engine.dialect.paramstyle == "qmark" else "%s"] * len(names))
         quoted = ", ".join(engine.dialect.identifier_preparer.quote(n) for n in names)
         sql = f"INSERT INTO {engine.dialect.identifier_preparer.quote(table)} ({quoted}) VALUES ({marks})"
-        for rows in generate(options):
-            if engine.dialect.name == "sqlite":
-                rows = [(r[0], r[1].isoformat(sep=" "), *r[2:]) for r in rows]
-            cursor.executemany(sql, rows)
-            total += len(rows)
+        for batch in generate(options):
+            if engine.dialect.name == "sqlite":  # ISO text, as SQLite applications store timestamps
+                batch = [(r[0], r[1].isoformat(sep=" "), *r[2:]) for r in batch]  # noqa: PLW2901
+            cursor.executemany(sql, batch)
+            total += len(batch)
         raw.commit()
     finally:
         raw.close()

@@ -102,4 +102,7 @@ class Filters(BaseModel):
         worst = max(removed, key=lambda k: removed[k])
         flag = "--" + worst.replace("_", "-")
         current = getattr(self, worst)
-        return f"filter {worst} removed the most rows ({removed[worst]}): relax it, e.g. {flag} (now {current})"
+        return (
+            f"filter {worst} removed the most rows ({removed[worst]}): relax it, e.g. {flag} (now {current}), "
+            "or start from --preset permissive (0.4/5.0/moderate)"
+        )

@@ -41,9 +41,9 @@ def resolve_url(db: str | None) -> URL:
         url = make_url(raw)
     except sa.exc.ArgumentError:
         raise ConfigError("database URL is not a valid SQLAlchemy URL (value not shown)") from None
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).is_file():
-            raise InputError(f"database file not found: {url.database}")
+    sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    if sqlite_file and not Path(url.database).is_file():
+        raise InputError(f"database file not found: {url.database}")
     return url
 
 
@@ -121,7 +121,7 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
 ADBC_BACKENDS = ("sqlite", "postgresql")
 
 
-def _adbc_connect(url: URL):  # noqa: ANN202 - the ADBC DB-API connection type is driver-specific
+def _adbc_connect(url: URL):
     if url.get_backend_name() == "sqlite":
         import adbc_driver_sqlite.dbapi as driver
 
@@ -200,8 +200,10 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
                 raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
             names = list(result.keys())
             yield _guarded(
-                (pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*part, strict=True)], names=names)
-                 for part in result.partitions()),
+                (
+                    pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*part, strict=True)], names=names)
+                    for part in result.partitions()
+                ),
                 url,
             )
     except sa.exc.OperationalError as exc:

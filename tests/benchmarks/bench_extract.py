@@ -1,0 +1,581 @@
+"""Benchmark of ``saige-k8s extract`` against a naive baseline and the ADBC limit.
+
+What it measures, on the synthetic SAIGE ``experiences`` table (``saige-k8s demo-db``, seed 0),
+each measurement in its own subprocess so that its peak RSS is its own:
+
+(a) ``saige-k8s extract --json --format tinyllama`` end to end (the CLI: interpreter start,
+    reflection, funnel + candidate queries, rendering, dedup, split, Parquet, manifest),
+    default filters and eval fraction, a fresh data root each run;
+(b) a naive seed-style baseline: the DB-API driver (``sqlite3``, or ``psycopg`` with a named
+    server-side cursor), the filter in SQL, then a per-row Python loop (``json.loads`` of the
+    scores and the context, an f-string for the TinyLlama chat text, ``csv.writer``);
+(c) the limit: ADBC, ``SELECT * ... WHERE <same filter>``, ``fetch_record_batch()`` streamed
+    straight into a zstd ``ParquetWriter``; nothing else is done to the rows.
+
+For each: wall seconds (median of ``--repeats`` runs, measured around the subprocess),
+scanned rows/s (rows in the table / median wall seconds), peak RSS in MB (the largest of the
+runs; from ``/usr/bin/time -f %M`` where available, else by polling with psutil) and the
+rows each wrote. SQLite always; PostgreSQL 15 (a throwaway cluster started here, loaded with
+the same rows) unless ``--no-postgres``. Then one run of (a) at ``--rss-rows`` on SQLite, to
+show that its memory does not grow with the table. Reports go to stdout as markdown, progress
+to stderr.
+
+Run (from the repository root, with the project's virtualenv)::
+
+    .venv/bin/python tests/benchmarks/bench_extract.py                 # 1M rows; RSS at 10M
+    .venv/bin/python tests/benchmarks/bench_extract.py --rows 20000 --rss-rows 40000
+    .venv/bin/python tests/benchmarks/bench_extract.py --rows 1000000 --rss-rows 0 --workdir /tmp/bench
+
+A demo database takes ~20 s and ~1 GB per million rows on SQLite; with ``--workdir`` the
+SQLite files are kept and reused by later runs when their row count matches. The internal
+modes ``_baseline`` and ``_adbc`` are the subprocesses of (b) and (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEED = 0
+TABLE = "experiences"
+MIN_AVG_RESPONSE_BYTES = 500
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "postgres"
+GNU_TIME = Path("/usr/bin/time")
+#: Rows per round trip of the baseline's PostgreSQL server-side cursor.
+PG_ITERSIZE = 10_000
+ADBC_SQLITE_BATCH_ROWS = 65_536
+
+# The seed's default filters (DESIGN §3.2), as the baseline and the limit write them.
+WHERE = "actual_harm < 0.3 AND buddhist_weighted_score >= 6.0 AND buddhist_alignment IN ('good', 'excellent')"
+BASELINE_SQL = (
+    "SELECT id, user_message, context, response, actual_harm, buddhist_scores, "
+    f"buddhist_weighted_score, buddhist_alignment FROM {TABLE} WHERE {WHERE}"
+)
+LIMIT_SQL = f"SELECT * FROM {TABLE} WHERE {WHERE}"
+SYSTEM_PROMPT = (
+    "You are an AI assistant practicing ethical communication. "
+    "You respond with wisdom, compassion, and truthfulness while minimizing harm."
+)
+PRINCIPLES = ("ahimsa", "sacca", "karuna", "panna", "upekkha")
+
+METHOD_A = "(a) saige-k8s extract"
+METHOD_B = "(b) naive baseline"
+METHOD_C = "(c) ADBC → Parquet limit"
+
+
+# --------------------------------------------------------------------------- subprocess workers
+
+
+def baseline_worker(dialect: str, target: str, out: str) -> None:
+    """(b): what a straightforward script does: rows as Python tuples, one f-string each, CSV out."""
+    if dialect == "sqlite":
+        conn = sqlite3.connect(target)
+        rows = conn.execute(BASELINE_SQL)
+    else:
+        import psycopg
+
+        conn = psycopg.connect(target)
+        rows = conn.cursor(name="baseline")  # server-side: the result is not held in memory
+        rows.itersize = PG_ITERSIZE
+        rows.execute(BASELINE_SQL)
+    written = 0
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "actual_harm", "buddhist_weighted_score", "buddhist_alignment", *PRINCIPLES])
+        for id_, user, context, response, harm, scores_json, weighted, alignment in rows:
+            try:
+                scores = json.loads(scores_json)
+            except (TypeError, ValueError):
+                continue
+            context_block = ""
+            if context:
+                try:
+                    ctx = json.loads(context)
+                except ValueError:
+                    ctx = None
+                if isinstance(ctx, dict):
+                    context_block = (
+                        f"\n\n[Context: Person is {ctx.get('emotional_state', 'unknown')}, "
+                        f"vulnerability level: {ctx.get('vulnerability', 'unknown')}]"
+                    )
+                else:
+                    context_block = f"\n\n[Context: {context}]"
+            text = (
+                f"<|system|>\n{SYSTEM_PROMPT}</s>\n<|user|>\n{user}{context_block}</s>\n<|assistant|>\n{response}</s>"
+            )
+            writer.writerow([id_, text, harm, weighted, alignment, *(scores.get(p) for p in PRINCIPLES)])
+            written += 1
+    conn.close()
+    print(json.dumps({"rows_out": written}))
+
+
+def adbc_worker(dialect: str, target: str, out: str) -> None:
+    """(c): the database's rows as Arrow batches, straight into Parquet; no per-row work at all."""
+    import pyarrow.parquet as pq
+
+    if dialect == "sqlite":
+        import adbc_driver_sqlite.dbapi as driver
+    else:
+        import adbc_driver_postgresql.dbapi as driver
+    written = 0
+    with driver.connect(target) as conn, conn.cursor() as cursor:
+        if dialect == "sqlite":
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(ADBC_SQLITE_BATCH_ROWS)})
+        cursor.execute(LIMIT_SQL)
+        reader = cursor.fetch_record_batch()
+        with pq.ParquetWriter(out, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                written += batch.num_rows
+    print(json.dumps({"rows_out": written}))
+
+
+WORKERS = {"_baseline": baseline_worker, "_adbc": adbc_worker}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_mb: float
+    stdout: str
+
+
+@dataclass
+class Result:
+    database: str
+    method: str
+    rows: int
+    runs: list[Run] = field(default_factory=list)
+    rows_out: int | None = None
+    #: (a) only: the manifest's duration_seconds per run (the extraction without process start).
+    inner_s: list[float] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(r.peak_rss_mb for r in self.runs)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure(cmd: Sequence[str], log_path: Path) -> Run:
+    """Run ``cmd`` to completion; its wall time and peak RSS (its own, not this process's)."""
+    with open(log_path, "w") as stderr:
+        if GNU_TIME.exists():
+            rss_file = log_path.with_suffix(".maxrss")
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *cmd],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                check=False,
+            )
+            wall = time.perf_counter() - started
+            stdout, code = proc.stdout, proc.returncode
+            lines = rss_file.read_text().split() if rss_file.exists() else []
+            peak_kb = float(lines[-1]) if lines and lines[-1].isdigit() else float("nan")
+        else:
+            stdout, code, wall, peak_kb = _measure_psutil(cmd, stderr)
+    if code != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\n{tail}")
+    return Run(wall, peak_kb / 1024, stdout)
+
+
+def _measure_psutil(cmd: Sequence[str], stderr) -> tuple[str, int, float, float]:
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out:
+        started = time.perf_counter()
+        proc = psutil.Popen(list(cmd), stdout=out, stderr=stderr, text=True)
+        peak = 0
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                tree = [proc, *proc.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            time.sleep(0.02)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        return out.read(), proc.returncode, wall, peak / 1024
+
+
+def saige_cli() -> list[str]:
+    script = Path(sys.executable).with_name("saige-k8s")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "saige_k8s"]
+
+
+def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool) -> Result:
+    result = Result(database, METHOD_A, rows)
+    for i in range(1, repeats + 1):
+        data_root = scratch / f"a-{database}-{rows}-{i}"
+        shutil.rmtree(data_root, ignore_errors=True)
+        cmd = [*saige_cli(), "extract", "--db", db, "--data-root", str(data_root), "--json", "--format", "tinyllama"]
+        run = measure(cmd, scratch / f"a-{database}-{rows}-{i}.log")
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        manifest = json.loads((data_root / "datasets" / summary["dataset_id"] / "manifest.json").read_text())
+        if summary["scanned"] != rows:
+            raise RuntimeError(f"saige-k8s extract scanned {summary['scanned']} rows, the table has {rows}")
+        result.runs.append(run)
+        result.rows_out = summary["kept"]
+        result.inner_s.append(manifest["duration_seconds"])
+        log(f"  {METHOD_A} run {i}: {run.wall_s:.2f} s, {run.peak_rss_mb:.0f} MB, kept {summary['kept']}")
+        if not keep:
+            shutil.rmtree(data_root, ignore_errors=True)
+    return result
+
+
+def bench_worker(
+    mode: str,
+    method: str,
+    database: str,
+    dialect: str,
+    target: str,
+    rows: int,
+    scratch: Path,
+    repeats: int,
+    keep: bool,
+    suffix: str,
+) -> Result:
+    result = Result(database, method, rows)
+    for i in range(1, repeats + 1):
+        out = scratch / f"{mode.strip('_')}-{database}-{rows}-{i}.{suffix}"
+        cmd = [sys.executable, str(Path(__file__).resolve()), mode, dialect, target, str(out)]
+        run = measure(cmd, out.with_suffix(".log"))
+        result.runs.append(run)
+        result.rows_out = json.loads(run.stdout.strip().splitlines()[-1])["rows_out"]
+        log(f"  {method} run {i}: {run.wall_s:.2f} s, {run.peak_rss_mb:.0f} MB, wrote {result.rows_out}")
+        if not keep:
+            out.unlink(missing_ok=True)
+    return result
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def sqlite_count(path: Path) -> int | None:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
+def ensure_sqlite(workdir: Path, rows: int) -> Path:
+    """The demo database with ``rows`` rows: reused when the file in ``workdir`` already has them."""
+    from saige_k8s.experiences.demo import DemoOptions, create_database
+
+    path = workdir / f"experiences-{rows}-seed{SEED}.db"
+    if path.exists() and sqlite_count(path) == rows:
+        log(f"reusing {path} ({rows} rows)")
+    else:
+        log(f"creating {path} ({rows} rows)")
+        started = time.perf_counter()
+        create_database(str(path), DemoOptions(rows=rows, seed=SEED))
+        log(f"  created in {time.perf_counter() - started:.1f} s, {path.stat().st_size / 1e6:.0f} MB")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        check_response_size("sqlite", conn.execute(f"SELECT AVG(LENGTH(response)) FROM {TABLE}").fetchone()[0])
+    return path
+
+
+def check_response_size(database: str, average: float) -> None:
+    log(f"{database}: average response {average:.0f} bytes")
+    if average < MIN_AVG_RESPONSE_BYTES:
+        raise SystemExit(
+            f"{database}: average response is {average:.0f} bytes, below {MIN_AVG_RESPONSE_BYTES}; "
+            "the benchmark would flatter every method"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[tuple[str, int]]:
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1; yields (base URL without driver, port).
+
+    initdb refuses to run as root, so as root the cluster belongs to the ``postgres`` system
+    user; it lives in its own temporary directory (reachable by that user) and is removed after.
+    """
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", PG_USER, "--"] if as_root else []
+    base = Path(tempfile.mkdtemp(prefix="saige-bench-pg-"))
+    data = base / "data"
+    if as_root:
+        shutil.chown(base, PG_USER, PG_USER)
+    port = free_port()
+
+    def pg(*cmd: str) -> None:
+        proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            server_log = (base / "log").read_text()[-2000:] if (base / "log").exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}{server_log}")
+
+    try:
+        pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C")
+        # fsync etc. off: a throwaway cluster; max_wal_size avoids checkpoints while loading.
+        options = (
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_wal_size=8GB"
+        )
+        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start")
+        log(f"postgres 15 started on 127.0.0.1:{port} ({data})")
+        yield f"postgres@127.0.0.1:{port}/postgres", port
+    finally:
+        if (data / "postmaster.pid").exists():  # also after a start that timed out
+            subprocess.run(
+                [*prefix, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                check=False,
+                capture_output=True,
+            )
+            log("postgres stopped")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def load_postgres(base: str, rows: int) -> None:
+    """The same demo rows (same seed) in PostgreSQL, written by ``create_database``, then ANALYZE.
+
+    ``create_database`` regenerates the rows and inserts them with executemany: about 30 s
+    per million rows on the machine this was written on, so there is no need for a faster
+    path (such as COPY from the SQLite file).
+    """
+    import psycopg
+
+    from saige_k8s.experiences.demo import DemoOptions, create_database
+
+    started = time.perf_counter()
+    create_database(f"postgresql+psycopg://{base}", DemoOptions(rows=rows, seed=SEED))
+    with psycopg.connect(f"postgresql://{base}", autocommit=True) as conn:
+        conn.execute(f"ANALYZE {TABLE}")
+        count = conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0]
+        average = conn.execute(f"SELECT AVG(LENGTH(response)) FROM {TABLE}").fetchone()[0]
+    if count != rows:
+        raise RuntimeError(f"postgres has {count} rows after loading, expected {rows}")
+    log(f"postgresql: loaded {rows} rows in {time.perf_counter() - started:.1f} s (create_database + ANALYZE)")
+    check_response_size("postgresql", float(average))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
+        memory = f", {kb / 1024 / 1024:.0f} GiB RAM"
+    return (
+        f"nproc {nproc}, CPU {model}{memory}; {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+    )
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    align = ["---" if i < 2 else "---:" for i in range(len(headers))]  # text columns left, numbers right
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(results: list[Result], rss: list[Result], repeats: int) -> str:
+    out = [f"Machine: {machine()}", ""]
+    out.append(
+        f"Median of {repeats} runs per line; peak RSS is the largest of them; "
+        "scanned rows/s = rows in the table / median wall s."
+    )
+    out.append("")
+    out.append(
+        markdown(
+            ["database", "method", "rows", "median wall s", "scanned rows/s", "peak RSS MB", "rows out"],
+            [
+                [
+                    r.database,
+                    r.method,
+                    f"{r.rows:,}",
+                    f"{r.wall_s:.2f}",
+                    f"{r.rows_per_s:,.0f}",
+                    f"{r.peak_rss_mb:,.0f}",
+                    f"{r.rows_out:,}",
+                ]
+                for r in results
+            ],
+        )
+    )
+    out.append("")
+    for database in dict.fromkeys(r.database for r in results):
+        by = {r.method: r for r in results if r.database == database}
+        a, b, c = by[METHOD_A], by[METHOD_B], by[METHOD_C]
+        out.append(
+            f"- {database}: (a) vs (b) = {b.wall_s / a.wall_s:.2f} (b's wall / a's wall; above 1, (a) is faster; "
+            f"{a.wall_s:.2f} s vs {b.wall_s:.2f} s). (a) vs (c) = {a.wall_s / c.wall_s:.2f} (a's wall / c's wall: "
+            f"(a) takes this many times the limit's time; {a.wall_s:.2f} s vs {c.wall_s:.2f} s). "
+            f"(a) in-process, from the manifest's duration_seconds (median): {statistics.median(a.inner_s):.2f} s."
+        )
+    if rss:
+        out.append("")
+        out.append("Peak RSS of (a) against table size (SQLite):")
+        out.append("")
+        out.append(
+            markdown(
+                ["database", "method", "rows", "wall s", "scanned rows/s", "peak RSS MB", "rows out"],
+                [
+                    [
+                        r.database,
+                        r.method,
+                        f"{r.rows:,}",
+                        f"{r.wall_s:.2f}",
+                        f"{r.rows_per_s:,.0f}",
+                        f"{r.peak_rss_mb:,.0f}",
+                        f"{r.rows_out:,}",
+                    ]
+                    for r in rss
+                ],
+            )
+        )
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def bench_database(
+    database: str,
+    extract_db: str,
+    dialect: str,
+    driver_target: str,
+    adbc_target: str,
+    rows: int,
+    scratch: Path,
+    repeats: int,
+    keep: bool,
+) -> list[Result]:
+    log(f"{database}: {rows} rows, {repeats} runs per method")
+    return [
+        bench_saige(database, extract_db, rows, scratch, repeats, keep),
+        bench_worker("_baseline", METHOD_B, database, dialect, driver_target, rows, scratch, repeats, keep, "csv"),
+        bench_worker("_adbc", METHOD_C, database, dialect, adbc_target, rows, scratch, repeats, keep, "parquet"),
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="Table size for the comparison (default 1M).")
+    parser.add_argument(
+        "--rss-rows",
+        type=int,
+        default=10_000_000,
+        help="Table size for the memory check of (a) on SQLite; 0 skips it (default 10M).",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per method; the median is reported (default 3).")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only.")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="Keep the SQLite demo databases here and reuse them (default: a temporary directory).",
+    )
+    parser.add_argument("--keep", action="store_true", help="Keep the outputs (datasets, CSV, Parquet, logs).")
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.rss_rows < 0 or args.repeats < 1:
+        parser.error("--rows and --repeats must be >= 1, --rss-rows >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.workdir:
+        workdir = args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="saige-bench-"))
+    scratch = workdir / f"out-{time.strftime('%Y%m%dT%H%M%S')}"
+    scratch.mkdir()
+    log(f"work dir {workdir}; {machine()}")
+    results: list[Result] = []
+    rss: list[Result] = []
+    try:
+        sqlite_path = ensure_sqlite(workdir, args.rows)
+        results += bench_database(
+            "sqlite",
+            str(sqlite_path),
+            "sqlite",
+            str(sqlite_path),
+            str(sqlite_path),
+            args.rows,
+            scratch,
+            args.repeats,
+            args.keep,
+        )
+        if not args.no_postgres:
+            with postgres_cluster() as (base, _port):
+                load_postgres(base, args.rows)
+                results += bench_database(
+                    "postgresql",
+                    f"postgresql+psycopg://{base}",
+                    "postgresql",
+                    f"postgresql://{base}",
+                    f"postgresql://{base}",
+                    args.rows,
+                    scratch,
+                    args.repeats,
+                    args.keep,
+                )
+        if args.rss_rows:
+            a_rows = next(r for r in results if r.database == "sqlite" and r.method == METHOD_A)
+            rss.append(Result("sqlite", METHOD_A + " (1 run)", args.rows, a_rows.runs[:1], a_rows.rows_out))
+            if args.rss_rows != args.rows:
+                big = ensure_sqlite(workdir, args.rss_rows)
+                result = bench_saige("sqlite", str(big), args.rss_rows, scratch, 1, args.keep)
+                result.method += " (1 run)"
+                rss.append(result)
+    finally:
+        if args.keep:
+            log(f"outputs kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+    print(report(results, rss, args.repeats))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in WORKERS:
+        WORKERS[sys.argv[1]](*sys.argv[2:5])
+    else:
+        main()

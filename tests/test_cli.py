@@ -1,0 +1,93 @@
+"""The CLI surface: help, version, module entry point, demo-db determinism and contents."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def test_help_explains_every_command() -> None:
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for command in ("demo-db", "extract"):
+        assert command in result.stdout
+    extract_help = run_cli("extract", "--help").stdout
+    for flag in (
+        "--db",
+        "--max-harm",
+        "--min-buddhist",
+        "--min-alignment",
+        "--limit",
+        "--format",
+        "--output",
+        "--csv",
+        "--preset",
+        "--system-prompt",
+        "--eval-fraction",
+        "--data-root",
+        "--out",
+        "--strict",
+        "--max-deception",
+        "--min-upekkha",
+    ):
+        assert flag in extract_help
+
+
+def test_module_entry_point_and_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "saige_k8s", "--version"], capture_output=True, text=True, check=True)
+    assert "saige-k8s" in out.stdout
+
+
+def _digest(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT * FROM experiences ORDER BY id").fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_demo_db_is_deterministic_per_seed(tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert run_cli("demo-db", "--out", tmp_path / f"{name}.db", "--rows", 500, "--seed", seed).exit_code == 0
+    assert _digest(tmp_path / "a.db") == _digest(tmp_path / "b.db") != _digest(tmp_path / "c.db")
+
+
+def test_demo_db_is_realistic(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    run_cli("demo-db", "--out", db, "--rows", 20_000, "--seed", 5)
+    with sqlite3.connect(db) as conn:
+        q = lambda sql: conn.execute(sql).fetchall()  # noqa: E731
+        labels = dict(q("SELECT buddhist_alignment, COUNT(*) FROM experiences GROUP BY 1"))
+        assert {"excellent", "good", "moderate", "poor", "harmful"} <= set(labels)
+        assert 0 < labels.get("great", 0) < 200  # a few unknown labels
+        # Harm and virtue move together: better-aligned answers are less harmful.
+        harm = dict(
+            q(
+                "SELECT buddhist_alignment, AVG(actual_harm) FROM experiences WHERE actual_harm BETWEEN 0 AND 1 "
+                "GROUP BY 1"
+            )
+        )
+        assert harm["excellent"] < harm["good"] < harm["moderate"] < harm["poor"] < harm["harmful"]
+        lengths = q(
+            "SELECT MIN(LENGTH(response)), AVG(LENGTH(response)), MAX(LENGTH(response)) FROM experiences "
+            "WHERE response <> ''"
+        )[0]
+        assert lengths[0] < 40 and 400 < lengths[1] < 800 and lengths[2] > 3000
+        contexts = q(
+            "SELECT SUM(context LIKE '{%'), SUM(context NOT LIKE '{%'), SUM(context IS NULL) FROM experiences"
+        )[0]
+        assert all(c > 1000 for c in contexts)
+        nulls = q("SELECT SUM(deception IS NULL), SUM(buddhist_weighted_score IS NULL) FROM experiences")[0]
+        assert all(n > 500 for n in nulls)
+        malformed = q("SELECT COUNT(*) FROM experiences WHERE NOT json_valid(buddhist_scores)")[0][0]
+        assert 0 < malformed < 200
+        json.loads(q("SELECT buddhist_scores FROM experiences WHERE json_valid(buddhist_scores) LIMIT 1")[0][0])
+
+
+def test_demo_db_bad_target(tmp_path: Path) -> None:
+    result = run_cli("demo-db", "--out", tmp_path / "missing-dir" / "x.db")
+    assert result.exit_code == 2 and "does not exist" in result.stderr

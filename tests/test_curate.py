@@ -1,0 +1,94 @@
+"""The Arrow stage's building blocks: score parsing, dedup memory, split, timestamps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from saige_k8s.dataset.curate import SeenSet, eval_mask, parse_scores, utc_timestamps
+
+FULL = '{"ahimsa": 7.2, "sacca": 8, "karuna": 6.5, "panna": 9.1, "upekkha": 7}'
+
+
+@pytest.mark.parametrize(
+    ("text", "values", "malformed"),
+    [
+        (FULL, [7.2, 8, 6.5, 9.1, 7], False),
+        ('{"upekkha":7,"panna":9.1,"karuna":6.5,"sacca":8,"ahimsa":7.2}', [7.2, 8, 6.5, 9.1, 7], False),  # order
+        ('  {"ahimsa": 1e0, "sacca": 2, "karuna": 3, "panna": 4, "upekkha": 5, "extra": 99}  ', [1, 2, 3, 4, 5], False),
+        ('{"ahimsa": 7, "sacca": 8}', [7, 8, math.nan, math.nan, math.nan], False),  # missing -> NaN
+        ('{"ahimsa": "7", "sacca": 8, "karuna": 6, "panna": 9, "upekkha": 7}', [math.nan, 8, 6, 9, 7], False),
+        (
+            '{"ahimsa": 7, "sacca": 8, "karuna": 6, "panna": 9, "upekkha": 7, "notes": {"a": 1}}',
+            [7, 8, 6, 9, 7],
+            False,
+        ),  # nested: the slow path
+        ('{\n "ahimsa": 7, "sacca": 8, "karuna": 6, "panna": 9, "upekkha": 7\n}', [7, 8, 6, 9, 7], False),
+        ('{"ahimsa": true, "sacca": 8, "karuna": 6, "panna": 9, "upekkha": 7}', [math.nan, 8, 6, 9, 7], False),
+        ('{"ahimsa": 7.2, "sacca": 8', [math.nan] * 5, True),
+        ("[1, 2, 3]", [math.nan] * 5, True),
+        ("", [math.nan] * 5, True),
+        (None, [math.nan] * 5, True),
+    ],
+)
+def test_parse_scores(text: str | None, values: list[float], malformed: bool) -> None:
+    # Surround the case with well-formed rows: the bulk path and the slow path must line up.
+    column = pa.array([FULL, text, FULL], pa.string())
+    parsed, bad = parse_scores(column)
+    np.testing.assert_allclose(parsed[1], values)
+    assert bad.tolist() == [False, malformed, False]
+    np.testing.assert_allclose(parsed[0], [7.2, 8, 6.5, 9.1, 7])
+    np.testing.assert_allclose(parsed[2], [7.2, 8, 6.5, 9.1, 7])
+
+
+def test_seen_set_keeps_first_occurrence_across_batches() -> None:
+    seen = SeenSet()
+    rng = np.random.default_rng(0)
+    universe = rng.integers(0, 2**63, size=500, dtype=np.int64).astype(np.uint64)
+    reference: set[int] = set()
+    for _ in range(60):
+        batch = rng.choice(universe, size=40)
+        fresh = seen.first_occurrences(batch)
+        expected = []
+        for h in batch.tolist():
+            expected.append(h not in reference)
+            reference.add(h)
+        assert fresh.tolist() == expected
+    assert len(seen._runs) <= 12  # merged, not one run per batch
+
+
+def test_eval_split_is_a_pure_function_of_id() -> None:
+    ids = pa.array([str(i) for i in range(20_000)])
+    mask = eval_mask(ids, 0.1)
+    assert 0.09 < mask.mean() < 0.11
+    shuffled = pa.array(list(reversed(ids.to_pylist())))
+    assert eval_mask(shuffled, 0.1).tolist() == list(reversed(mask.tolist()))
+    assert not eval_mask(ids, 0.0).any()
+    assert (eval_mask(ids, 0.2) | ~mask).all()  # a larger fraction only adds rows
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pa.array(["2026-03-01 10:00:00+00:00", "2026-03-01T10:00:00Z", None]),
+        pa.array(["2026-03-01 10:00:00", "2026-03-01 10:00:00", None]),
+        pa.array(["2026-03-01 11:00:00+01:00", "2026-03-01T10:00:00.000000", None]),
+        pa.array([dt.datetime(2026, 3, 1, 10), dt.datetime(2026, 3, 1, 10), None], pa.timestamp("us")),
+    ],
+)
+def test_timestamps_become_utc(values: pa.Array) -> None:
+    out = utc_timestamps(values)
+    assert out.type == pa.timestamp("us", tz="UTC")
+    expected = dt.datetime(2026, 3, 1, 10, tzinfo=dt.UTC)
+    assert out.to_pylist() == [expected, expected, None]
+
+
+def test_unparseable_timestamps_become_null() -> None:
+    assert utc_timestamps(pa.array(["yesterday", "2026-03-01"])).to_pylist() == [
+        None,
+        dt.datetime(2026, 3, 1, tzinfo=dt.UTC),
+    ]
