@@ -1,7 +1,8 @@
 """The ``saige-k8s`` command line. Commands parse options and hand off to the library.
 
 Exit codes: 0 success; 1 a runtime failure (database unreachable, I/O error; worth a
-retry); 2 bad usage, configuration or input (retrying will not help); 130 interrupted.
+retry); 2 bad usage, configuration or input (retrying will not help); 130 interrupted
+(Ctrl-C); 143 stopped by SIGTERM (partial output removed).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +20,7 @@ from saige_k8s import __version__
 from saige_k8s.errors import SaigeError
 from saige_k8s.experiences.filters import PRESETS
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
+from saige_k8s.lifecycle import install_sigterm_handler
 
 DATA_ROOT_ENV = "SAIGE_DATA_ROOT"
 log = logging.getLogger("saige_k8s")
@@ -62,8 +63,7 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # A preempted pod gets SIGTERM: unwind normally so partial output is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    install_sigterm_handler()
 
 
 @cli.command("demo-db")

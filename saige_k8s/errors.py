@@ -31,3 +31,9 @@ class RuntimeFailure(SaigeError):
     """Something failed while running: I/O, a lost connection, a killed subprocess (exit 1)."""
 
     exit_code = 1
+
+
+class Interrupted(SaigeError):
+    """Stopped by SIGTERM at a safe point (exit 143, as a process killed by SIGTERM)."""
+
+    exit_code = 143

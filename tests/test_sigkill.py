@@ -38,7 +38,8 @@ def test_killed_mid_write_leaves_previous_dataset_and_latest(tmp_path: Path, sig
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGKILL if sig == signal.SIGKILL else proc.returncode == 128 + sig
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, proc.stderr.read().decode() if proc.stderr else ""
 
     visible = sorted(p.name for p in datasets.iterdir() if not p.name.startswith("."))
     assert visible == ["LATEST", "previous"]

@@ -135,7 +135,8 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     columns["buddhist_weighted_score"] = pa.array(weighted)
     for k, p in enumerate(PRINCIPLES):
         columns[p] = pa.array(values[:, k])
-    return pa.RecordBatch.from_pydict(columns).filter(pa.array(alive))
+    judged = pa.RecordBatch.from_pydict(columns)
+    return judged if alive.all() else judged.filter(pa.array(alive))
 
 
 def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str) -> pa.RecordBatch:

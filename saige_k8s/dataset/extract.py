@@ -39,6 +39,7 @@ from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import CANDIDATE, funnel_query, rows_query
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
 from saige_k8s.experiences.source import SourceTable, open_source, redact, resolve_url, stream
+from saige_k8s.lifecycle import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def _write_candidates(request: ExtractRequest, source: SourceTable, judgement, w
     progress = _progress(request.progress)
     with stream(source.url, rows_query(judgement, source.id_is_integer), request.adbc) as batches:
         for raw in batches:
+            check_stop()
             read.fetched += len(raw)
             progress.update(len(raw))
             judged = judge_scores(raw, request.filters, read.stage)
@@ -140,8 +142,9 @@ def _write_candidates(request: ExtractRequest, source: SourceTable, judgement, w
                 break
             examples = as_examples(judged, fmt, request.system_prompt)
             fresh = seen.first_occurrences(content_hashes(examples.column("text")))
-            read.duplicates += int((~fresh).sum())
-            examples = examples.filter(pa.array(fresh))
+            if not fresh.all():
+                read.duplicates += int((~fresh).sum())
+                examples = examples.filter(pa.array(fresh))
             if limit is not None and read.stats.rows + len(examples) >= limit:
                 keep = limit - read.stats.rows
                 read.cut = len(examples) - keep
@@ -270,10 +273,10 @@ def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: di
             "fix the rows or drop --strict to skip and count them"
         )
     if manifest["counts"]["kept"] == 0:
-        steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"])
+        steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"]) or "table empty"
         hint = request.filters.relax_hint(manifest["removed"])
         scanned = manifest["counts"]["scanned"]
-        raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps or 'table empty'}); {hint}")
+        raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps}); {hint}")
 
 
 def _first_id(source: SourceTable, judgement, reason: str) -> str:  # noqa: ANN001

@@ -72,7 +72,8 @@ class DatasetStats:
         self.weighted_histogram += np.bincount(
             np.searchsorted(SCORE_BUCKETS, weighted, side="left"), minlength=len(SCORE_BUCKETS) + 1
         )
-        for row in batch.slice(0, SAMPLE_COUNT - len(self.samples)).to_pylist():
+        sample_columns = ["id", "buddhist_alignment", "actual_harm", "buddhist_weighted_score", "messages", "text"]
+        for row in batch.select(sample_columns).slice(0, SAMPLE_COUNT - len(self.samples)).to_pylist():
             turns = {m["role"]: m["content"] for m in row["messages"]}
             self.samples.append(
                 {

@@ -15,6 +15,8 @@ import re
 import secrets
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ TMP_PREFIX = ".tmp-"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Temporary directories older than this are leftovers of killed runs.
 STALE_AFTER_S = 6 * 3600
+_MAX_PENDING = 2
 CSV_COLUMNS = ("id", "text", "format", "actual_harm", "buddhist_weighted_score", "buddhist_alignment", "difficulty")
 
 
@@ -85,8 +88,12 @@ class DatasetWriter:
             raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
         self.schema = schema
         self.rows = {"train": 0, "eval": 0}
+        # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
+        # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pending: deque[Future[None]] = deque()
         self._writers = {
-            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd")
+            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd", compression_level=1)
             for split in (("train", "eval") if with_eval else ("train",))
         }
         self.csv_path = csv_path
@@ -108,18 +115,33 @@ class DatasetWriter:
             self.abort()
 
     def write(self, batch: pa.RecordBatch, in_eval: np.ndarray) -> None:
-        parts = {"train": batch.filter(pa.array(~in_eval)), "eval": batch.filter(pa.array(in_eval))}
-        if "eval" not in self._writers:
+        if "eval" in self._writers and in_eval.any():
+            parts = {"train": batch.filter(pa.array(~in_eval)), "eval": batch.filter(pa.array(in_eval))}
+        else:
             parts = {"train": batch}
+        for split, part in parts.items():
+            self.rows[split] += len(part)
+        while len(self._pending) >= _MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write_parts, parts, batch))
+
+    def _write_parts(self, parts: dict[str, pa.RecordBatch], batch: pa.RecordBatch) -> None:
         for split, part in parts.items():
             if len(part):
                 self._writers[split].write_batch(part)
-                self.rows[split] += len(part)
         if self._csv is not None:
             self._csv.write_batch(batch.select(list(CSV_COLUMNS)))
 
+    def _drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
     def publish(self, manifest: dict[str, Any]) -> Path:
         """Close the files, write the manifest, rename into place, then point LATEST at it."""
+        self._drain()
         for writer in self._writers.values():
             writer.close()
         manifest = {
@@ -145,6 +167,8 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Remove everything this run wrote; the published datasets are untouched."""
+        with contextlib.suppress(Exception):
+            self._drain()
         for writer in [*self._writers.values(), *([self._csv] if self._csv is not None else [])]:
             with contextlib.suppress(OSError, pa.ArrowException):
                 writer.close()

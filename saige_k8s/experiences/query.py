@@ -67,7 +67,8 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     alignment = sa.func.lower(sa.func.trim(col["buddhist_alignment"]))
 
     def blank(c: ColumnElement) -> ColumnElement[bool]:
-        return sa.or_(c.is_(None), sa.func.trim(c) == "")
+        # trim() copies the whole text; only texts that start with a space can trim to ''.
+        return sa.or_(c.is_(None), c == "", sa.and_(c.like(" %"), sa.func.trim(c) == ""))
 
     def outside(c: ColumnElement, bounds: tuple[float, float]) -> ColumnElement[bool]:
         return sa.or_(c < bounds[0], c > bounds[1])
@@ -128,10 +129,11 @@ def funnel_query(j: Judgement, dialect: str) -> sa.Select:
 
 def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     """The candidates, ordered by id, with every column cast to one type per column."""
-    text, real = sa.Text, sa.Float
+    # Numbers are cast so that a column is one Arrow type even where SQLite mixes integer and
+    # real storage; text columns need no cast (and casting would copy every response).
+    real = sa.Float
     kinds = {
-        "id": sa.BigInteger if id_is_integer else text,
-        "created_at": None,
+        "id": sa.BigInteger if id_is_integer else sa.Text,
         "actual_harm": real,
         "buddhist_weighted_score": real,
         **dict.fromkeys(HARM_COMPONENTS, real),
@@ -139,8 +141,6 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     exprs: dict[str, ColumnElement] = {}
     for name in ROW_COLUMNS:
         expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
-        kind = kinds.get(name, text)
-        # Casts give the Arrow result one type per column even where SQLite mixes storage classes.
-        exprs[name] = sa.cast(expr, kind) if kind is not None else expr
+        exprs[name] = sa.cast(expr, kinds[name]) if name in kinds else expr
     query = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS)).where(j.prefilter, j.verdict == CANDIDATE)
     return query.order_by(j.columns["id"])

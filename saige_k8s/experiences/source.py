@@ -24,7 +24,7 @@ from saige_k8s.experiences.query import Judgement, judge
 from saige_k8s.experiences.schema import COLUMNS, REQUIRED_COLUMNS
 
 DB_URL_ENV = "SAIGE_DB_URL"
-_BATCH_ROWS = 65_536
+_BATCH_ROWS = 16_384
 
 
 def resolve_url(db: str | None) -> URL:

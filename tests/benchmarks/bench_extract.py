@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -389,6 +390,24 @@ def load_postgres(base: str, rows: int) -> None:
 # --------------------------------------------------------------------------- report
 
 
+def code_version() -> tuple[str, str]:
+    """(saige-k8s version and git revision, a hash of the package's sources) of what is measured."""
+    import saige_k8s
+
+    package = Path(saige_k8s.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    proc = subprocess.run(
+        ["git", "-C", str(package.parent), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    revision = proc.stdout.strip() if proc.returncode == 0 else "not a git checkout"
+    return f"saige-k8s {saige_k8s.__version__}, git {revision}", digest.hexdigest()[:12]
+
+
 def machine() -> str:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -414,8 +433,14 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(results: list[Result], rss: list[Result], repeats: int) -> str:
-    out = [f"Machine: {machine()}", ""]
+def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[str, str], code_after: str) -> str:
+    out = [f"Machine: {machine()}", f"Code: {code[0]}, sources {code[1]}"]
+    if code_after != code[1]:
+        out.append(
+            f"WARNING: the package's sources changed during the run ({code[1]} -> {code_after}); "
+            "the lines below may measure different code."
+        )
+    out.append("")
     out.append(
         f"Median of {repeats} runs per line; peak RSS is the largest of them; "
         "scanned rows/s = rows in the table / median wall s."
@@ -526,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="saige-bench-"))
     scratch = workdir / f"out-{time.strftime('%Y%m%dT%H%M%S')}"
     scratch.mkdir()
-    log(f"work dir {workdir}; {machine()}")
+    code = code_version()
+    log(f"work dir {workdir}; {machine()}; {code[0]}, sources {code[1]}")
     results: list[Result] = []
     rss: list[Result] = []
     try:
@@ -571,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
             if not args.workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
-    print(report(results, rss, args.repeats))
+    print(report(results, rss, args.repeats, code, code_version()[1]))
 
 
 if __name__ == "__main__":
