@@ -64,7 +64,11 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
         col.setdefault(name, sa.null())
     harm = col["actual_harm"]
     stored_weighted = col["buddhist_weighted_score"]
-    alignment = sa.func.lower(sa.func.trim(col["buddhist_alignment"]))
+    raw_alignment = col["buddhist_alignment"]
+    # Labels are compared trimmed and lower-cased; most already are, so skip the string work.
+    alignment = sa.case(
+        (raw_alignment.in_(ALIGNMENT_LEVELS), raw_alignment), else_=sa.func.lower(sa.func.trim(raw_alignment))
+    )
 
     def blank(c: ColumnElement) -> ColumnElement[bool]:
         # trim() copies the whole text; only texts that start with a space can trim to ''.
