@@ -139,11 +139,20 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     return judged if alive.all() else judged.filter(pa.array(alive))
 
 
-def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str) -> pa.RecordBatch:
-    """Judged candidates -> rows of the dataset's Parquet schema (DESIGN §3.4)."""
-    user = batch.column("user_message")
+def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet) -> tuple[pa.RecordBatch, int]:
+    """Judged candidates -> (unique rows of the dataset's Parquet schema (DESIGN §3.4), duplicates).
+
+    Duplicates are dropped right after rendering, before the rest of the row is built.
+    """
+    turn, text = render_columns(
+        fmt, system, batch.column("user_message"), batch.column("context"), batch.column("response")
+    )
+    fresh = seen.first_occurrences(content_hashes(text))
+    duplicates = len(fresh) - int(fresh.sum())
+    if duplicates:
+        keep = pa.array(fresh)
+        batch, turn, text = batch.filter(keep), turn.filter(keep), text.filter(keep)
     response = batch.column("response")
-    turn, text = render_columns(fmt, system, user, batch.column("context"), response)
     n = len(batch)
     has_system = fmt.system_open is not None and bool(system)
     per_row = 3 if has_system else 2
@@ -168,7 +177,7 @@ def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str) -> pa.Recor
         "difficulty": batch.column("difficulty"),
         "created_at": utc_timestamps(batch.column("created_at")),
     }
-    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA)
+    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), duplicates
 
 
 def utc_timestamps(values: pa.Array) -> pa.Array:

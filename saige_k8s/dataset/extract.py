@@ -27,7 +27,6 @@ from saige_k8s.dataset.curate import (
     SeenSet,
     StageCounts,
     as_examples,
-    content_hashes,
     eval_mask,
     judge_scores,
 )
@@ -107,10 +106,23 @@ def extract(request: ExtractRequest) -> ExtractResult:
     return ExtractResult(path, manifest)
 
 
-def _run_funnel(source: SourceTable, judgement, adbc: bool) -> dict[str, dict[str, float]]:  # noqa: ANN001
+@dataclass(frozen=True)
+class _Funnel:
+    """The database's side: rows per verdict label, and aggregates over the whole table."""
+
+    counts: dict[str, int]
+    aggregates: dict[str, Any]
+
+    def rows(self, label: str) -> int:
+        return self.counts.get(label, 0)
+
+
+def _run_funnel(source: SourceTable, judgement, adbc: bool) -> _Funnel:  # noqa: ANN001
     with stream(source.url, funnel_query(judgement, source.dialect), adbc) as batches:
         rows = [row for batch in batches for row in batch.to_pylist()]
-    return {row.pop("verdict"): row for row in rows}
+    aggregates = rows[0] if rows else {}
+    counts = {label: int(aggregates.get(f"verdict_{code}") or 0) for code, label in enumerate(judgement.labels)}
+    return _Funnel(counts, aggregates)
 
 
 @dataclass
@@ -140,11 +152,8 @@ def _write_candidates(request: ExtractRequest, source: SourceTable, judgement, w
             judged = judge_scores(raw, request.filters, read.stage)
             if request.strict and read.stage.first_invalid:
                 break
-            examples = as_examples(judged, fmt, request.system_prompt)
-            fresh = seen.first_occurrences(content_hashes(examples.column("text")))
-            if not fresh.all():
-                read.duplicates += int((~fresh).sum())
-                examples = examples.filter(pa.array(fresh))
+            examples, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
+            read.duplicates += duplicates
             if limit is not None and read.stats.rows + len(examples) >= limit:
                 keep = limit - read.stats.rows
                 read.cut = len(examples) - keep
@@ -177,12 +186,12 @@ def _progress(enabled: bool):
     return tqdm(desc="candidates", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
 
 
-def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started):  # noqa: ANN001
+def _manifest(request, source, dataset_id, funnel: _Funnel, read: _Read, writer, started):  # noqa: ANN001
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
-    sql_candidates = int(funnel.get(CANDIDATE, {}).get("rows", 0))
-    invalid = {r: int(funnel.get(f"invalid:{r}", {}).get("rows", 0)) for r in SQL_INVALID}
+    sql_candidates = funnel.rows(CANDIDATE)
+    invalid = {r: funnel.rows(f"invalid:{r}") for r in SQL_INVALID}
     invalid.update({r: read.stage.invalid[r] for r in JSON_INVALID})
-    removed = {name: int(funnel.get(f"filter:{name}", {}).get("rows", 0)) for name in request.filters.filter_names()}
+    removed = {name: funnel.rows(f"filter:{name}") for name in request.filters.filter_names()}
     for name, n in read.stage.removed.items():
         removed[name] = removed.get(name, 0) + n
     unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
@@ -195,7 +204,7 @@ def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started)
     beyond_limit = read.cut + unread
     duplicates = read.duplicates
     stats = read.stats
-    scanned = sum(int(v["rows"]) for k, v in funnel.items() if k != CANDIDATE) + read.fetched + unread
+    scanned = sum(n for label, n in funnel.counts.items() if label != CANDIDATE) + read.fetched + unread
     elapsed = time.perf_counter() - started
     source_stats = _source_stats(funnel)
     funnel_steps = []
@@ -243,18 +252,15 @@ def _manifest(request, source, dataset_id, funnel, read: _Read, writer, started)
     }
 
 
-def _source_stats(funnel: dict[str, dict[str, float]]) -> dict[str, Any]:
+def _source_stats(funnel: _Funnel) -> dict[str, Any]:
     """Harm and virtue of *all* experiences in the table, to track over time (seed's "metrics")."""
-    groups = list(funnel.values())
-    total = sum(int(g["rows"]) for g in groups)
-    harm_n = sum(int(g["harm_count"]) for g in groups)
-    weighted_n = sum(int(g["weighted_count"]) for g in groups)
-    labels = {level: sum(int(g[f"alignment_{level}"] or 0) for g in groups) for level in ALIGNMENT_LEVELS}
+    agg = funnel.aggregates
+    labels = {level: int(agg.get(f"alignment_{level}") or 0) for level in ALIGNMENT_LEVELS}
     labelled = sum(labels.values())
     return {
-        "rows": total,
-        "mean_harm": sum(float(g["harm_sum"] or 0) for g in groups) / harm_n if harm_n else None,
-        "mean_weighted_score": sum(float(g["weighted_sum"] or 0) for g in groups) / weighted_n if weighted_n else None,
+        "rows": int(agg.get("rows") or 0),
+        "mean_harm": agg["harm_sum"] / agg["harm_count"] if agg.get("harm_count") else None,
+        "mean_weighted_score": agg["weighted_sum"] / agg["weighted_count"] if agg.get("weighted_count") else None,
         "alignment": labels,
         "alignment_ratio": {k: (v / labelled if labelled else None) for k, v in labels.items()},
     }
@@ -280,7 +286,8 @@ def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: di
 
 
 def _first_id(source: SourceTable, judgement, reason: str) -> str:  # noqa: ANN001
-    query = sa.select(judgement.columns["id"]).where(judgement.verdict == f"invalid:{reason}").limit(1)
+    code = judgement.labels.index(f"invalid:{reason}")
+    query = sa.select(judgement.columns["id"]).where(judgement.verdict == code).limit(1)
     with stream(source.url, query, adbc=False) as batches:
         for batch in batches:
             if len(batch):

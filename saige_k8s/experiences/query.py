@@ -51,8 +51,15 @@ class Judgement:
 
     columns: dict[str, ColumnElement]
     alignment: ColumnElement
+    #: Verdict names, ``invalid:<reason>`` / ``filter:<name>`` in check order, CANDIDATE last.
+    labels: tuple[str, ...]
+    #: Index into ``labels`` of the first check a row fails (integers compare cheaply).
     verdict: ColumnElement
     prefilter: ColumnElement
+
+    @property
+    def candidate(self) -> int:
+        return len(self.labels) - 1
 
 
 def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> Judgement:
@@ -94,17 +101,22 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
         # A NULL stored score is computed from the JSON and judged in the Arrow stage.
         ("min_buddhist", stored_weighted < filters.min_buddhist),
     ]
-    verdict = sa.case(
-        *((cond, f"invalid:{reason}") for reason, cond in invalid),
-        *((cond, f"filter:{name}") for name, cond in rejected),
-        else_=CANDIDATE,
-    )
+    checks = [(f"invalid:{reason}", cond) for reason, cond in invalid] + [
+        (f"filter:{name}", cond) for name, cond in rejected
+    ]
+    verdict = sa.case(*((cond, code) for code, (_, cond) in enumerate(checks)), else_=len(checks))
     prefilter = sa.and_(harm < filters.max_harm, alignment.in_(kept_labels))
-    return Judgement(col, alignment, verdict, prefilter)
+    labels = (*(label for label, _ in checks), CANDIDATE)
+    return Judgement(col, alignment, labels, verdict, prefilter)
 
 
 def funnel_query(j: Judgement, dialect: str) -> sa.Select:
-    """Rows per verdict, plus sums over usable values for the source-table aggregates."""
+    """One row: rows per verdict (``verdict_<code>``) and aggregates over the whole table.
+
+    The verdict is computed once per row in a subquery the database may not flatten (it
+    would otherwise repeat the CASE for every reference), and counted without GROUP BY,
+    which would sort the whole table.
+    """
     harm = j.columns["actual_harm"]
     weighted = j.columns["buddhist_weighted_score"]
     judged = sa.select(
@@ -113,22 +125,22 @@ def funnel_query(j: Judgement, dialect: str) -> sa.Select:
         sa.case((sa.and_(weighted >= 0, weighted <= 10), weighted)).label("weighted"),
         j.alignment.label("alignment"),
     )
-    if dialect == "sqlite":
-        # LIMIT -1 keeps SQLite from flattening the subquery and evaluating the CASE twice.
-        judged = judged.limit(-1)
+    # An optimisation fence: LIMIT -1 for SQLite, OFFSET 0 for PostgreSQL and others.
+    judged = judged.limit(-1) if dialect == "sqlite" else judged.offset(0)
     inner = judged.subquery("judged")
+
+    def count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
     return sa.select(
-        inner.c.verdict,
         sa.func.count().label("rows"),
+        *(count_if(inner.c.verdict == code).label(f"verdict_{code}") for code in range(len(j.labels))),
         sa.func.count(inner.c.harm).label("harm_count"),
         sa.func.sum(inner.c.harm).label("harm_sum"),
         sa.func.count(inner.c.weighted).label("weighted_count"),
         sa.func.sum(inner.c.weighted).label("weighted_sum"),
-        *(
-            sa.func.sum(sa.case((inner.c.alignment == level, 1), else_=0)).label(f"alignment_{level}")
-            for level in ALIGNMENT_LEVELS
-        ),
-    ).group_by(inner.c.verdict)
+        *(count_if(inner.c.alignment == level).label(f"alignment_{level}") for level in ALIGNMENT_LEVELS),
+    )
 
 
 def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
@@ -146,5 +158,5 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     for name in ROW_COLUMNS:
         expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
         exprs[name] = sa.cast(expr, kinds[name]) if name in kinds else expr
-    query = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS)).where(j.prefilter, j.verdict == CANDIDATE)
+    query = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS)).where(j.prefilter, j.verdict == j.candidate)
     return query.order_by(j.columns["id"])

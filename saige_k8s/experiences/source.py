@@ -155,6 +155,25 @@ def stream(url: URL, statement: sa.Select, adbc: bool = True) -> Iterator[Iterat
             yield batches
 
 
+_PG_TYPES = {float: "double precision", int: "bigint", str: "text", bool: "boolean"}
+
+
+def _session_parameters(cursor, sql: str, params: list) -> tuple[str, list]:  # noqa: ANN001 - ADBC cursor
+    """Pass ``$n`` values as session settings, bound, and read them back in the query.
+
+    ADBC's PostgreSQL driver streams a result through COPY only for a query without
+    parameters; with parameters it buffers the whole result in memory. The values still
+    travel as bound parameters (of ``set_config``), never as SQL text; each is read back in
+    an uncorrelated scalar subquery, which PostgreSQL evaluates once per query, not per row.
+    """
+    for number, value in enumerate(params, start=1):
+        cursor.execute("SELECT set_config($1, $2, false)", [f"saige.p{number}", str(value)])
+        cursor.fetchall()
+    kinds = {number: _PG_TYPES[type(value)] for number, value in enumerate(params, start=1)}
+    sql = re.sub(r"\$(\d+)\b", lambda m: f"(SELECT CAST(current_setting('saige.p{m[1]}') AS {kinds[int(m[1])]}))", sql)
+    return sql, []
+
+
 @contextmanager
 def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
     sql, params = _compile(statement, url)
@@ -167,6 +186,8 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
         if url.get_backend_name() == "sqlite":
             cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
         try:
+            if url.get_backend_name() == "postgresql" and params:
+                sql, params = _session_parameters(cursor, sql, params)
             cursor.execute(sql, params or None)
             reader = cursor.fetch_record_batch()
         except Exception as exc:  # noqa: BLE001
