@@ -35,22 +35,12 @@ from saige_k8s.dataset.stats import DatasetStats
 from saige_k8s.dataset.writer import DatasetWriter, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError
 from saige_k8s.experiences.filters import Filters
-from saige_k8s.experiences.query import CANDIDATE, funnel_query, rows_query
+from saige_k8s.experiences.query import CANDIDATE, Judgement, funnel_query, rows_query
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
 from saige_k8s.experiences.source import SourceTable, open_source, redact, resolve_url, stream
 from saige_k8s.lifecycle import check_stop
 
 log = logging.getLogger(__name__)
-
-SQL_INVALID = (
-    "empty_user_message",
-    "empty_response",
-    "missing_harm",
-    "harm_out_of_range",
-    "component_out_of_range",
-    "unknown_alignment",
-    "weighted_score_out_of_range",
-)
 
 
 @dataclass(frozen=True)
@@ -117,7 +107,7 @@ class _Funnel:
         return self.counts.get(label, 0)
 
 
-def _run_funnel(source: SourceTable, judgement, adbc: bool) -> _Funnel:  # noqa: ANN001
+def _run_funnel(source: SourceTable, judgement: Judgement, adbc: bool) -> _Funnel:
     with stream(source.url, funnel_query(judgement, source.dialect), adbc) as batches:
         rows = [row for batch in batches for row in batch.to_pylist()]
     aggregates = rows[0] if rows else {}
@@ -138,7 +128,9 @@ class _Read:
     reached_limit: bool = False
 
 
-def _write_candidates(request: ExtractRequest, source: SourceTable, judgement, writer: DatasetWriter) -> _Read:  # noqa: ANN001
+def _write_candidates(
+    request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter
+) -> _Read:
     fmt = FORMATS[request.format]
     read = _Read()
     seen = SeenSet()
@@ -186,14 +178,25 @@ def _progress(enabled: bool):
     return tqdm(desc="candidates", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
 
 
-def _manifest(request, source, dataset_id, funnel: _Funnel, read: _Read, writer, started):  # noqa: ANN001
+def _manifest(
+    request: ExtractRequest,
+    source: SourceTable,
+    dataset_id: str,
+    funnel: _Funnel,
+    read: _Read,
+    writer: DatasetWriter,
+    started: float,
+) -> dict[str, Any]:
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
     sql_candidates = funnel.rows(CANDIDATE)
-    invalid = {r: funnel.rows(f"invalid:{r}") for r in SQL_INVALID}
+    invalid = {label.split(":", 1)[1]: n for label, n in funnel.counts.items() if label.startswith("invalid:")}
     invalid.update({r: read.stage.invalid[r] for r in JSON_INVALID})
-    removed = {name: funnel.rows(f"filter:{name}") for name in request.filters.filter_names()}
+    removed = dict.fromkeys(request.filters.filter_names(), 0)
+    for label, n in funnel.counts.items():
+        if label.startswith("filter:"):
+            removed[label.split(":", 1)[1]] += n
     for name, n in read.stage.removed.items():
-        removed[name] = removed.get(name, 0) + n
+        removed[name] += n
     unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
     if not read.reached_limit and read.fetched != sql_candidates:
         log.warning(
@@ -266,7 +269,9 @@ def _source_stats(funnel: _Funnel) -> dict[str, Any]:
     }
 
 
-def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: dict[str, Any], read: _Read) -> None:  # noqa: ANN001
+def _check(
+    request: ExtractRequest, source: SourceTable, judgement: Judgement, manifest: dict[str, Any], read: _Read
+) -> None:
     if request.strict and manifest["counts"]["invalid_total"]:
         reason, count = next((r, n) for r, n in manifest["invalid"].items() if n)
         example = (
@@ -285,7 +290,7 @@ def _check(request: ExtractRequest, source: SourceTable, judgement, manifest: di
         raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps}); {hint}")
 
 
-def _first_id(source: SourceTable, judgement, reason: str) -> str:  # noqa: ANN001
+def _first_id(source: SourceTable, judgement: Judgement, reason: str) -> str:
     code = judgement.labels.index(f"invalid:{reason}")
     query = sa.select(judgement.columns["id"]).where(judgement.verdict == code).limit(1)
     with stream(source.url, query, adbc=False) as batches:
