@@ -36,6 +36,9 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}", exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
@@ -198,6 +201,136 @@ def extract(
         click.echo(json.dumps(result.summary))
     else:
         click.echo(format_report(result.manifest, result.path, csv_path))
+
+
+@cli.command()
+@click.option(
+    "--dataset",
+    "--data",
+    "dataset",
+    default="LATEST",
+    show_default=True,
+    metavar="DIR|ID|LATEST",
+    help="Dataset directory, or an id / LATEST under DATA_ROOT/datasets.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or ./saige-data].",
+)
+@click.option(
+    "--model",
+    default="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    show_default=True,
+    help="Hugging Face model name, local directory, or .gguf file.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (adapter/, checkpoints/, tensorboard/, metrics.json); rerun to resume "
+    "[default: DATA_ROOT/runs/<dataset id>-<model>].",
+)
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Per process.")
+@click.option("--gradient-accumulation", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option(
+    "--lr-scheduler",
+    type=click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
+    default="cosine",
+    show_default=True,
+)
+@click.option("--warmup-ratio", type=click.FloatRange(0, 1), default=0.03, show_default=True)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=16),
+    default=1024,
+    show_default=True,
+    help="Longer examples are truncated (the end-of-turn token is kept).",
+)
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(min=1), help="[default: 2 × rank]")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1), default=0.05, show_default=True)
+@click.option("--target-modules", help="Comma-separated module names, or all-linear [default: per architecture].")
+@click.option("--use-4bit", is_flag=True, help="QLoRA: load the base model in 4-bit NF4 (bitsandbytes).")
+@click.option("--use-8bit", is_flag=True, help="Load the base model in 8-bit (bitsandbytes).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on a CPU.",
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--save-steps",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Checkpoint every N optimizer steps (and on SIGTERM).",
+)
+@click.option("--logging-steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code (only if you trust it).")
+def train(
+    dataset: str,
+    data_root: Path | None,
+    model: str,
+    output_dir: Path | None,
+    use_4bit: bool,
+    use_8bit: bool,
+    target_modules: str | None,
+    lora_rank: int,
+    lora_alpha: int | None,
+    lora_dropout: float,
+    gradient_checkpointing: bool,
+    precision: str,
+    trust_remote_code: bool,
+    **options: Any,
+) -> None:
+    """LoRA/QLoRA fine-tune a causal LM on a curated dataset; writes the adapter and metrics.
+
+    \b
+    Several GPUs: the same command under a launcher, one process per GPU:
+      accelerate launch --num_processes 4 -m saige_k8s train ...
+      torchrun --nproc_per_node 4 -m saige_k8s train ...
+    """
+    if use_4bit and use_8bit:
+        raise click.UsageError("--use-4bit and --use-8bit exclude each other; pick one")
+    from saige_k8s.dataset.writer import resolve_dataset
+    from saige_k8s.training.loop import TrainOptions
+    from saige_k8s.training.loop import train as run_train
+    from saige_k8s.training.model import ModelOptions
+
+    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or "./saige-data")
+    dataset_dir = resolve_dataset(root, dataset)
+    run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(model)}"
+    model_options = ModelOptions(
+        model=model,
+        quantization="4bit" if use_4bit else ("8bit" if use_8bit else None),
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=[m.strip() for m in target_modules.split(",")] if target_modules else None,
+        gradient_checkpointing=gradient_checkpointing,
+        precision=precision,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+    )
+    metrics = run_train(
+        TrainOptions(dataset=dataset_dir, run_dir=run_dir, model=model_options, progress=True, **options)
+    )
+    before, after = metrics["eval_loss_before"], metrics["eval_loss"]
+    evaluation = f", eval loss {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
+    click.echo(
+        f"Trained {metrics['steps']} steps on {metrics['train_examples']} examples "
+        f"({metrics['tokens_per_second']:.0f} tokens/s{evaluation}); adapter in {run_dir / 'adapter'}"
+    )
+
+
+def _slug(model: str) -> str:
+    name = Path(model).stem if model.endswith(".gguf") else model.rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60]
 
 
 def _eval_fraction(value: float) -> float:

@@ -21,3 +21,8 @@ def install_sigterm_handler() -> None:
 def check_stop() -> None:
     if _stop.is_set():
         raise Interrupted("stopped by SIGTERM; partial output removed")
+
+
+def stop_requested() -> bool:
+    """For loops that must checkpoint before they stop (training)."""
+    return _stop.is_set()

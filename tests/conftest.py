@@ -25,7 +25,7 @@ def need_tool(reason: str) -> None:
     """Skip for a missing external tool, except under SAIGE_REQUIRE_TOOLS=1 (CI), where it fails."""
     if REQUIRE_TOOLS:
         pytest.fail(f"required tool missing (SAIGE_REQUIRE_TOOLS=1): {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None):

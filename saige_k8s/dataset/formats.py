@@ -126,8 +126,13 @@ def prompt_prefix(fmt: ChatFormat, system: str) -> tuple[str, str]:
 
 def render(fmt: ChatFormat, system: str, user: str, context: str | None, response: str) -> tuple[str, str]:
     """(prompt, completion) for one example; ``prompt + completion`` is the dataset's text."""
+    return render_turns(fmt, system, user_turn(user, context, fmt), response)
+
+
+def render_turns(fmt: ChatFormat, system: str, turn: str, response: str) -> tuple[str, str]:
+    """``render`` from a finished user turn (the dataset's ``messages``): what training masks by."""
     before, after = prompt_prefix(fmt, system)
-    return before + user_turn(user, context, fmt) + after, response + fmt.end_of_turn
+    return before + turn + after, response + fmt.end_of_turn
 
 
 def render_columns(

@@ -1,0 +1,161 @@
+"""Training data: the dataset's examples as token ids with the prompt masked exactly.
+
+Each example is rendered by the extraction's renderer (``render_turns``), tokenized once as
+a whole, and a token is a label when it covers any character of the completion (the
+response and its end-of-turn marker). A token that straddles the boundary, like
+SentencePiece's ``▁I`` after ``[/INST]``, is therefore learnt, not masked. The end-of-turn
+marker is always learnt, as the tokenizer's single end token where it has one, so the
+model learns to stop. Padding never becomes a label, whatever its id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from saige_k8s.dataset.formats import FORMATS, render_turns
+from saige_k8s.dataset.writer import MANIFEST
+from saige_k8s.errors import InputError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    path: Path
+    manifest: dict[str, Any]
+    format: str
+    system: str
+    train: list[tuple[str, str]]  # (user turn, response)
+    eval: list[tuple[str, str]]
+
+
+def load_dataset_dir(path: Path) -> LoadedDataset:
+    """Read a published dataset (DESIGN §3.4); errors say what is missing or broken."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"not a complete dataset (no {MANIFEST}): {path}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"corrupt dataset manifest {manifest_path}: {exc}") from None
+    fmt = manifest.get("format")
+    if fmt not in FORMATS:
+        raise InputError(f"dataset {path} has unknown format {fmt!r}")
+    splits = {}
+    for split in ("train", "eval"):
+        file = path / f"{split}.parquet"
+        if not file.exists():
+            splits[split] = []
+            continue
+        try:
+            table = pq.read_table(file, columns=["messages"])
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise InputError(f"corrupt dataset file {file}: {exc}") from None
+        splits[split] = [_turns(messages) for messages in table.column("messages").to_pylist()]
+    if not splits["train"]:
+        raise InputError(f"dataset {path} has no training examples")
+    return LoadedDataset(path, manifest, fmt, manifest.get("system_prompt", ""), splits["train"], splits["eval"])
+
+
+def _turns(messages: list[dict[str, str]]) -> tuple[str, str]:
+    by_role = {m["role"]: m["content"] for m in messages}
+    return by_role["user"], by_role["assistant"]
+
+
+def end_of_turn_id(tokenizer: Any, fmt_name: str) -> int:
+    """The token that ends a response: the format's marker if it is one token, else EOS."""
+    marker = FORMATS[fmt_name].end_of_turn
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"tokenizer has neither a single token for {marker!r} nor an EOS token")
+    return tokenizer.eos_token_id
+
+
+def tokenize(tokenizer: Any, fmt_name: str, system: str, turn: str, response: str, max_len: int) -> Example:
+    """One example: ids of the full text, labels only on the completion, end-of-turn learnt."""
+    fmt = FORMATS[fmt_name]
+    prompt, completion = render_turns(fmt, system, turn, response)
+    body = prompt + completion[: -len(fmt.end_of_turn)]
+    encoded = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    boundary = len(prompt)
+    labels = [tok if end > boundary else IGNORE for tok, (_, end) in zip(ids, encoded["offset_mapping"], strict=True)]
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+        ids, labels = [bos, *ids], [IGNORE, *labels]
+    eot = end_of_turn_id(tokenizer, fmt_name)
+    ids, labels = [*ids[: max_len - 1], eot], [*labels[: max_len - 1], eot]
+    return Example(ids, labels)
+
+
+def tokenize_all(tokenizer: Any, data: LoadedDataset, split: str, max_len: int) -> list[Example]:
+    rows = data.train if split == "train" else data.eval
+    return [tokenize(tokenizer, data.format, data.system, turn, response, max_len) for turn, response in rows]
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_factor: int = 64
+) -> list[list[int]]:
+    """Batches of similar length, in a random order that depends only on (seed, epoch).
+
+    Examples are shuffled, cut into groups of ``group_factor`` batches, sorted by length
+    within a group and batched; the batches are shuffled again. Padding then stays small
+    while every epoch still sees a different mix.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    group = batch_size * group_factor
+    batches = []
+    for start in range(0, len(order), group):
+        members = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of the padded token grid that is padding."""
+    grid = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return 1 - real / grid if grid else 0.0
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, list[list[int]]]:
+    """Right-padded lists; the caller turns them into tensors on its device."""
+    width = max(len(e) for e in examples)
+    return {
+        "input_ids": [e.input_ids + [pad_id] * (width - len(e)) for e in examples],
+        "labels": [e.labels + [IGNORE] * (width - len(e)) for e in examples],
+        "attention_mask": [[1] * len(e) + [0] * (width - len(e)) for e in examples],
+    }
+
+
+def steps_per_epoch(examples: int, batch_size: int, accumulation: int, processes: int = 1) -> int:
+    batches = math.ceil(examples / batch_size)
+    return max(1, math.ceil(batches / (accumulation * processes)))
+
+
+def iterate_shard(batches: list[list[int]], rank: int, world: int) -> Iterator[list[int]]:
+    """This process's share of the batches; every process gets the same number (DDP needs it)."""
+    usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
+    yield from batches[rank:usable:world]

@@ -1,0 +1,309 @@
+"""The training loop: LoRA on the curated dataset, preemption-safe, one process per GPU.
+
+Run it as it is on a CPU or one GPU, or under ``accelerate launch`` / ``torchrun`` for
+several processes: accelerate's ``Accelerator`` picks the setting up from the launcher.
+Checkpoints (adapter, optimizer, scheduler, RNG, and where in which epoch) go to
+``RUN/checkpoints/step-N`` every ``save_steps`` optimizer steps and when SIGTERM arrives; a
+rerun with the same run directory continues from the newest one at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saige_k8s.errors import Interrupted
+from saige_k8s.lifecycle import stop_requested
+from saige_k8s.training.data import (
+    Example,
+    collate,
+    length_grouped_batches,
+    load_dataset_dir,
+    padding_waste,
+    tokenize_all,
+)
+from saige_k8s.training.model import ModelOptions, compute_dtype, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.json"
+STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    dataset: Path
+    run_dir: Path
+    model: ModelOptions
+    epochs: float = 3.0
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_seq_len: int = 1024
+    seed: int = 42
+    save_steps: int = 50
+    logging_steps: int = 10
+    #: Stop after this many optimizer steps (smoke tests, demos); None: train all epochs.
+    max_steps: int | None = None
+    keep_checkpoints: int = 2
+    progress: bool = False
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    #: Batches of ``epoch`` already consumed (by this process's shard).
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    log: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop reads best in one piece
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    started = time.perf_counter()
+    dtype = compute_dtype(options.model.precision)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    accelerator = Accelerator(
+        mixed_precision=mixed if options.model.quantization is None else "no",
+        gradient_accumulation_steps=options.gradient_accumulation,
+        log_with="tensorboard",
+        project_dir=str(options.run_dir),
+    )
+    set_seed(options.seed)
+    data = load_dataset_dir(options.dataset)
+    tokenizer = load_tokenizer(options.model)
+    train_examples = tokenize_all(tokenizer, data, "train", options.max_seq_len)
+    eval_examples = tokenize_all(tokenizer, data, "eval", options.max_seq_len)
+    model = load_model(options.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lengths = [len(e) for e in train_examples]
+    batches_per_epoch = math.ceil(len(train_examples) / options.batch_size)
+    per_process = batches_per_epoch // accelerator.num_processes or 1
+    steps_per_epoch = max(1, per_process // options.gradient_accumulation)
+    total_steps = max(1, math.ceil(steps_per_epoch * options.epochs))
+    if options.max_steps is not None:
+        total_steps = min(total_steps, options.max_steps)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
+    scheduler = get_scheduler(
+        options.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(options.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = _resume(accelerator, options.run_dir)
+    if accelerator.is_main_process:
+        options.run_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("tensorboard")
+    eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+    if state.step:
+        log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+
+    model.train()
+    waste = []
+    mine: list[list[int]] = []
+    run_started = time.perf_counter()
+    tokens_at_start = state.tokens
+    window_loss, window_batches = 0.0, 0
+    progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
+    while state.step < total_steps:
+        batches = length_grouped_batches(lengths, options.batch_size, options.seed, state.epoch)
+        usable = len(batches) - len(batches) % accelerator.num_processes or len(batches)
+        mine = batches[accelerator.process_index : usable : accelerator.num_processes]
+        waste.append(padding_waste(lengths, batches))
+        for index in range(state.batch_in_epoch, len(mine)):
+            batch = _to_tensors(
+                collate([train_examples[i] for i in mine[index]], tokenizer.pad_token_id), accelerator.device
+            )
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch = index + 1
+            state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            window_loss += float(loss.detach())
+            window_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            if state.step % options.logging_steps == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - run_started
+                entry = {
+                    "step": state.step,
+                    "loss": window_loss / max(window_batches, 1),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "tokens_per_second": (state.tokens - tokens_at_start) / elapsed if elapsed else 0.0,
+                }
+                state.log.append(entry)
+                accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=state.step)
+                _report(progress, entry, options.progress)
+                window_loss, window_batches = 0.0, 0
+            if _should_stop(accelerator):
+                _checkpoint(accelerator, options, state)
+                raise Interrupted(f"stopped by SIGTERM at step {state.step}; checkpoint saved, rerun to resume")
+            if state.step % options.save_steps == 0:
+                _checkpoint(accelerator, options, state)
+            if state.step >= total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+    epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
+    duration = time.perf_counter() - started
+    eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+    train_seconds = time.perf_counter() - run_started
+    metrics = {
+        "dataset_id": data.manifest.get("dataset_id"),
+        "dataset_path": str(data.path),
+        "format": data.format,
+        "base_model": options.model.model,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "steps": state.step,
+        "epochs": round(epochs_done, 4),
+        "train_loss": state.log[-1]["loss"] if state.log else None,
+        "eval_loss_before": eval_before,
+        "eval_loss": eval_after,
+        "tokens": state.tokens,
+        "tokens_per_second": (state.tokens - tokens_at_start) / train_seconds if train_seconds else None,
+        "padding_waste": sum(waste) / len(waste) if waste else 0.0,
+        "trainable_parameters": trainable,
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "duration_seconds": duration,
+        "hyperparameters": _hyperparameters(options),
+        "log": state.log,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapter = options.run_dir / ADAPTER
+        accelerator.unwrap_model(model).save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        (options.run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    accelerator.end_training()
+    return metrics
+
+
+def _to_tensors(batch: dict[str, list[list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _evaluate(accelerator: Any, model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float | None:
+    """Mean token loss over the eval split (every process takes a share; sums are reduced)."""
+    if not examples:
+        return None
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        batch = _to_tensors(
+            collate([examples[i] for i in mine[start : start + batch_size]], pad_id), accelerator.device
+        )
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shifted = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += torch.stack([losses.double(), (shifted != -100).sum().double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1]) if total[1] else None
+
+
+def _should_stop(accelerator: Any) -> bool:
+    """Every process stops at the same step if any was asked to (a collective decision)."""
+    flag = torch.tensor([1.0 if stop_requested() else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _checkpoint(accelerator: Any, options: TrainOptions, state: _State) -> None:
+    root = options.run_dir / CHECKPOINTS
+    target = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps(asdict(state)))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # a checkpoint is complete or absent
+        for old in sorted(root.glob("step-*"))[: -options.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE).exists())
+    return found[-1] if found else None
+
+
+def _resume(accelerator: Any, run_dir: Path) -> _State:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return _State()
+    accelerator.load_state(str(checkpoint))
+    return _State(**json.loads((checkpoint / STATE).read_text()))
+
+
+def _hyperparameters(options: TrainOptions) -> dict[str, Any]:
+    values = asdict(options)
+    values.pop("progress")
+    return json.loads(json.dumps(values, default=str))
+
+
+class _PlainProgress:
+    """Pod logs: no bar, just the periodic log lines."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(interactive: bool, total: int, done: int) -> Any:
+    if not (interactive and sys.stderr.isatty()):
+        return _PlainProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="training", unit="step", file=sys.stderr)
+
+
+def _report(progress: Any, entry: dict[str, float], interactive: bool) -> None:
+    if isinstance(progress, _PlainProgress):
+        log.info(
+            "step %d loss %.4f lr %.2e %.0f tokens/s",
+            entry["step"],
+            entry["loss"],
+            entry["learning_rate"],
+            entry["tokens_per_second"],
+        )
+    else:
+        progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_second']:.0f}")

@@ -1,0 +1,117 @@
+"""Loading the base model and tokenizer, quantised (QLoRA) or not, with a LoRA adapter on top."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from saige_k8s.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["4bit", "8bit"] | None
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    #: Hub name, local directory, or a local ``.gguf`` file.
+    model: str
+    quantization: Quantization = None
+    lora_rank: int = 16
+    lora_alpha: int | None = None  # default: 2 × rank
+    lora_dropout: float = 0.05
+    #: None: PEFT's default for the architecture; ["all-linear"]: every linear layer.
+    target_modules: list[str] | None = field(default=None)
+    gradient_checkpointing: bool = False
+    precision: Precision = "auto"
+    trust_remote_code: bool = False
+
+
+def compute_dtype(precision: Precision) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 on a GPU, fp32 on a CPU."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "fp32" or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _source(model: str) -> tuple[str, dict[str, Any]]:
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"model file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    return model, {}
+
+
+def load_tokenizer(options: ModelOptions) -> Any:
+    from transformers import AutoTokenizer
+
+    source, extra = _source(options.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=options.trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        # Labels never come from padding (see training.data), so reusing EOS as pad is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_quantization(quantization: Quantization) -> None:
+    if quantization is None:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"--use-{quantization} needs bitsandbytes, which cannot be loaded here: {exc}") from None
+
+
+def load_model(options: ModelOptions) -> Any:
+    """The base model (quantised if asked) wrapped in a trainable LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_quantization(options.quantization)
+    dtype = compute_dtype(options.precision)
+    source, extra = _source(options.model)
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code, "dtype": dtype, **extra}
+    if options.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    elif options.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
+    if options.quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    elif options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets: Any = options.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha or 2 * options.lora_rank,
+        lora_dropout=options.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(
+            f"LoRA target modules: {str(exc).splitlines()[0]} (try --target-modules all-linear)"
+        ) from None

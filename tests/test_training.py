@@ -1,0 +1,213 @@
+"""Training: exact prompt masking, batching, a real LoRA run on a tiny model, resume after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need_tool
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    need_tool("torch is not installed (pip install -e '.[train]')")
+
+from saige_k8s.dataset.extract import ExtractRequest, extract
+from saige_k8s.dataset.formats import FORMATS, render_turns
+from saige_k8s.experiences.demo import DemoOptions, create_database
+from saige_k8s.training.data import (
+    IGNORE,
+    collate,
+    end_of_turn_id,
+    length_grouped_batches,
+    load_dataset_dir,
+    padding_waste,
+    tokenize,
+    tokenize_all,
+)
+from tests.conftest import run_cli, wait_for
+from tests.tiny_model import build_tiny_model
+
+FORMAT_NAMES = ["tinyllama", "mistral", "llama3"]
+
+
+@pytest.fixture(scope="session")
+def training_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("training")
+    create_database(str(root / "saige.db"), DemoOptions(rows=1500, seed=11, response_median_bytes=100))
+    texts = []
+    for fmt in FORMAT_NAMES:
+        result = extract(
+            ExtractRequest(
+                db=str(root / "saige.db"), data_root=root / "data", format=fmt, eval_fraction=0.1, dataset_id=fmt
+            )
+        )
+        texts += [str(row) for row in load_dataset_dir(result.path).train[:300]]
+    build_tiny_model(root / "model", texts)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer(training_root: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(training_root / "model")
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_prompt_mask_boundary_token_by_token(tokenizer, training_root: Path, fmt: str) -> None:
+    data = load_dataset_dir(training_root / "data" / "datasets" / fmt)
+    for turn, response in data.train[:50]:
+        example = tokenize(tokenizer, fmt, data.system, turn, response, max_len=4096)
+        prompt, completion = render_turns(FORMATS[fmt], data.system, turn, response)
+        labelled = [i for i, label in enumerate(example.labels) if label != IGNORE]
+        first = labelled[0]
+        assert labelled == list(range(first, len(example)))  # one contiguous tail
+        assert [example.labels[i] for i in labelled] == example.input_ids[first:]
+        # Every masked token lies inside the prompt; the first learnt one reaches into the response.
+        encoded = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        shift = len(example) - 1 - len(offsets)  # a BOS the tokenizer may prepend
+        assert all(end <= len(prompt) for _, end in offsets[: first - shift])
+        assert offsets[first - shift][1] > len(prompt)
+        assert tokenizer.decode(example.input_ids[first:-1]).strip() == response.strip()
+        # The model learns to stop: the last token is the end of turn, and it is a label.
+        assert example.input_ids[-1] == example.labels[-1] == end_of_turn_id(tokenizer, fmt)
+        assert completion.endswith(FORMATS[fmt].end_of_turn)
+
+
+def test_padding_is_never_a_label_even_when_pad_is_eos(tokenizer, training_root: Path) -> None:
+    data = load_dataset_dir(training_root / "data" / "datasets" / "tinyllama")
+    examples = tokenize_all(tokenizer, data, "train", 512)[:6]
+    batch = collate(examples, pad_id=tokenizer.eos_token_id)
+    for example, ids, labels, mask in zip(
+        examples, batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+    ):
+        n = len(example)
+        assert labels[n - 1] == tokenizer.eos_token_id  # the real end of turn is learnt
+        assert all(label == IGNORE for label in labels[n:])
+        assert all(tok == tokenizer.eos_token_id for tok in ids[n:]) and sum(mask) == n
+
+
+def test_length_grouped_batches_cover_everything_with_little_padding(tokenizer, training_root: Path) -> None:
+    data = load_dataset_dir(training_root / "data" / "datasets" / "mistral")
+    lengths = [len(e) for e in tokenize_all(tokenizer, data, "train", 1024)]
+    batches = length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert padding_waste(lengths, batches) <= 0.05
+    assert batches == length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert batches != length_grouped_batches(lengths, 8, seed=1, epoch=1)
+    naive = [list(range(i, min(i + 8, len(lengths)))) for i in range(0, len(lengths), 8)]
+    assert padding_waste(lengths, naive) > 2 * padding_waste(lengths, batches)
+
+
+def _train_args(root: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--dataset",
+        str(root / "data" / "datasets" / "mistral"),
+        "--model",
+        str(root / "model"),
+        "--output-dir",
+        str(run),
+        "--batch-size",
+        "8",
+        "--max-seq-len",
+        "256",
+        "--learning-rate",
+        "3e-3",
+        "--target-modules",
+        "all-linear",
+        "--logging-steps",
+        "5",
+        *extra,
+    ]
+
+
+def test_lora_run_learns_and_saves_a_loadable_adapter(training_root: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    result = run_cli(*_train_args(training_root, run, "--epochs", "2"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.3
+    assert metrics["dataset_id"] == "mistral" and metrics["format"] == "mistral"
+    assert metrics["padding_waste"] <= 0.05 and metrics["tokens_per_second"] > 0
+    assert metrics["epochs"] == pytest.approx(2.0, abs=0.05)
+    assert list((run / "tensorboard").rglob("events.out.tfevents*"))
+    base = AutoModelForCausalLM.from_pretrained(training_root / "model")
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    assert any("lora_" in name for name, _ in tuned.named_parameters())
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_rerun_resumes_at_the_same_step(training_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "saige_k8s",
+        *_train_args(training_root, run, "--save-steps", "4", "--max-steps", "400", "--epochs", "50"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "SAIGE_DEBUG": ""})
+    try:
+        assert wait_for(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 1, timeout=120, interval=0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err.decode()
+    assert "checkpoint saved" in err.decode()
+    stopped_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert 4 <= stopped_at < 400
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    resumed = subprocess.run(
+        [*cmd[:-4], "--max-steps", str(stopped_at + 6), "--epochs", "50"], capture_output=True, text=True, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped_at}" in resumed.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == stopped_at + 6
+    assert [entry["step"] for entry in metrics["log"]][-1] == stopped_at + 6
+
+
+def test_training_errors(training_root: Path, tmp_path: Path) -> None:
+    both = run_cli(*_train_args(training_root, tmp_path / "r", "--use-4bit", "--use-8bit"))
+    assert both.exit_code == 2 and "--use-4bit and --use-8bit" in both.stderr
+    unknown = run_cli(
+        "train",
+        "--dataset",
+        str(training_root / "data" / "datasets" / "mistral"),
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
+    assert unknown.exit_code == 2 and "unknown model" in unknown.stderr
+    missing = run_cli("train", "--dataset", str(tmp_path / "nothing"), "--model", str(training_root / "model"))
+    assert missing.exit_code == 2 and "dataset" in missing.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text(json.dumps({"format": "mistral", "dataset_id": "corrupt"}))
+    (corrupt / "train.parquet").write_bytes(b"not parquet")
+    broken = run_cli(
+        "train",
+        "--dataset",
+        str(corrupt),
+        "--model",
+        str(training_root / "model"),
+        "--output-dir",
+        str(tmp_path / "r2"),
+    )
+    assert broken.exit_code == 2 and "corrupt dataset file" in broken.stderr
+    for result in (both, unknown, missing, broken):
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
