@@ -320,6 +320,8 @@ def train(
     metrics = run_train(
         TrainOptions(dataset=dataset_dir, run_dir=run_dir, model=model_options, progress=True, **options)
     )
+    if os.environ.get("RANK", "0") != "0":  # under a launcher, one process reports
+        return
     before, after = metrics["eval_loss_before"], metrics["eval_loss"]
     evaluation = f", eval loss {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
     click.echo(

@@ -211,3 +211,46 @@ def test_training_errors(training_root: Path, tmp_path: Path) -> None:
     assert broken.exit_code == 2 and "corrupt dataset file" in broken.stderr
     for result in (both, unknown, missing, broken):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_qlora_path_runs_on_cpu(training_root: Path, tmp_path: Path, bits: str) -> None:
+    """bitsandbytes quantises the base model; LoRA trains on top and still lowers the loss."""
+    import bitsandbytes as bnb
+
+    from saige_k8s.training.model import ModelOptions, load_model
+
+    options = ModelOptions(model=str(training_root / "model"), quantization=bits, target_modules=["all-linear"])
+    quantized = (bnb.nn.Linear4bit,) if bits == "4bit" else (bnb.nn.Linear8bitLt,)
+    assert any(isinstance(m, quantized) for m in load_model(options).modules())
+    run = tmp_path / "run"
+    result = run_cli(*_train_args(training_root, run, f"--use-{bits}", "--max-steps", "40"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["hyperparameters"]["model"]["quantization"] == bits
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo(training_root: Path, tmp_path: Path) -> None:
+    """The multi-GPU launch path, on two CPU processes: one process group, half the steps each."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = tmp_path / "run"
+    args = _train_args(training_root, run, "--epochs", "1", "--save-steps", "1000")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "saige_k8s", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    single = run_cli(*_train_args(training_root, tmp_path / "single", "--epochs", "1", "--save-steps", "1000"))
+    assert single.exit_code == 0
+    alone = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["steps"] == alone["steps"] // 2
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert result.stdout.count("Trained ") == 1  # one process reports
+    assert metrics["log"][-1]["learning_rate"] < 0.1 * 3e-3  # the schedule decays over the real steps

@@ -81,6 +81,8 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
     dtype = compute_dtype(options.model.precision)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     accelerator = Accelerator(
+        # On a CPU, accelerate joins a torchrun/launch process group (gloo) only when told so.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=mixed if options.model.quantization is None else "no",
         gradient_accumulation_steps=options.gradient_accumulation,
         log_with="tensorboard",
@@ -102,11 +104,12 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
         total_steps = min(total_steps, options.max_steps)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler(
         options.lr_scheduler,
         optimizer,
-        num_warmup_steps=int(options.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=int(options.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = _resume(accelerator, options.run_dir)
@@ -148,16 +151,8 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
             state.step += 1
             progress.update(1)
             if state.step % options.logging_steps == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - run_started
-                entry = {
-                    "step": state.step,
-                    "loss": window_loss / max(window_batches, 1),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "tokens_per_second": (state.tokens - tokens_at_start) / elapsed if elapsed else 0.0,
-                }
-                state.log.append(entry)
-                accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=state.step)
-                _report(progress, entry, options.progress)
+                rate = (state.tokens - tokens_at_start) / (time.perf_counter() - run_started)
+                _log_step(accelerator, state, window_loss / max(window_batches, 1), scheduler, rate, progress)
                 window_loss, window_batches = 0.0, 0
             if _should_stop(accelerator):
                 _checkpoint(accelerator, options, state)
@@ -204,6 +199,18 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
         (options.run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     accelerator.end_training()
     return metrics
+
+
+def _log_step(accelerator: Any, state: _State, loss: float, scheduler: Any, rate: float, progress: Any) -> None:
+    entry = {"step": state.step, "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": rate}
+    state.log.append(entry)
+    accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=state.step)
+    if not accelerator.is_main_process:
+        return
+    if isinstance(progress, _PlainProgress):
+        log.info("step %d loss %.4f lr %.2e %.0f tokens/s", state.step, loss, entry["learning_rate"], rate)
+    else:
+        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
 
 
 def _to_tensors(batch: dict[str, list[list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -294,16 +301,3 @@ def _progress(interactive: bool, total: int, done: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, desc="training", unit="step", file=sys.stderr)
-
-
-def _report(progress: Any, entry: dict[str, float], interactive: bool) -> None:
-    if isinstance(progress, _PlainProgress):
-        log.info(
-            "step %d loss %.4f lr %.2e %.0f tokens/s",
-            entry["step"],
-            entry["loss"],
-            entry["learning_rate"],
-            entry["tokens_per_second"],
-        )
-    else:
-        progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_second']:.0f}")
