@@ -203,7 +203,82 @@ def extract(
         click.echo(format_report(result.manifest, result.path, csv_path))
 
 
+def _train_options(func):  # noqa: ANN001 - a click decorator
+    """The train flags; each overrides the spec's ``train:`` key of the same name."""
+    from saige_k8s.spec import TrainSpec
+
+    default = TrainSpec()
+    flags = [
+        (
+            "--model",
+            {
+                "help": "Hugging Face model name, local directory, .gguf file, or package://PKG/FILE "
+                f"[default: {default.model}]."
+            },
+        ),
+        ("--epochs", {"type": float, "help": f"[default: {default.epochs}]"}),
+        ("--batch-size", {"type": int, "help": f"Per process [default: {default.batch_size}]."}),
+        ("--gradient-accumulation", {"type": int, "help": f"[default: {default.gradient_accumulation}]"}),
+        ("--learning-rate", {"type": float, "help": f"[default: {default.learning_rate}]"}),
+        (
+            "--lr-scheduler",
+            {
+                "type": click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
+                "help": f"[default: {default.lr_scheduler}]",
+            },
+        ),
+        ("--warmup-ratio", {"type": float, "help": f"[default: {default.warmup_ratio}]"}),
+        (
+            "--max-seq-len",
+            {
+                "type": int,
+                "help": f"Longer examples are cut (the end-of-turn token is kept) [default: {default.max_seq_len}].",
+            },
+        ),
+        ("--max-steps", {"type": int, "help": "Stop after this many optimizer steps."}),
+        ("--max-eval-examples", {"type": int, "help": "Evaluate on at most this many eval examples."}),
+        ("--lora-rank", {"type": int, "help": f"[default: {default.lora_rank}]"}),
+        ("--lora-alpha", {"type": int, "help": "[default: 2 × rank]"}),
+        ("--lora-dropout", {"type": float, "help": f"[default: {default.lora_dropout}]"}),
+        ("--target-modules", {"help": "Comma-separated module names, or all-linear [default: per architecture]."}),
+        (
+            "--precision",
+            {
+                "type": click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                "help": "auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on a CPU.",
+            },
+        ),
+        ("--seed", {"type": int, "help": f"[default: {default.seed}]"}),
+        (
+            "--save-steps",
+            {
+                "type": int,
+                "help": f"Checkpoint every N optimizer steps and on SIGTERM [default: {default.save_steps}].",
+            },
+        ),
+        ("--logging-steps", {"type": int, "help": f"[default: {default.logging_steps}]"}),
+    ]
+    switches = [
+        ("--use-4bit", "QLoRA: load the base model in 4-bit NF4 (bitsandbytes)."),
+        ("--use-8bit", "Load the base model in 8-bit (bitsandbytes)."),
+        ("--gradient-checkpointing", "Trade compute for memory."),
+        ("--trust-remote-code", "Run the model repository's own code (only if you trust it)."),
+    ]
+    for name, help_text in reversed(switches):
+        func = click.option(name, is_flag=True, default=None, help=help_text)(func)
+    for name, kwargs in reversed(flags):
+        func = click.option(name, **kwargs)(func)
+    return func
+
+
 @cli.command()
+@click.option(
+    "-f",
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Pipeline spec (YAML); its train: block, overridden by flags.",
+)
 @click.option(
     "--dataset",
     "--data",
@@ -216,13 +291,7 @@ def extract(
 @click.option(
     "--data-root",
     type=click.Path(file_okay=False, path_type=Path),
-    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or ./saige-data].",
-)
-@click.option(
-    "--model",
-    default="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    show_default=True,
-    help="Hugging Face model name, local directory, or .gguf file.",
+    help=f"Shared volume root [default: ${DATA_ROOT_ENV}, the spec's data_root, or ./saige-data].",
 )
 @click.option(
     "--output-dir",
@@ -230,66 +299,20 @@ def extract(
     help="Run directory (adapter/, checkpoints/, tensorboard/, metrics.json); rerun to resume "
     "[default: DATA_ROOT/runs/<dataset id>-<model>].",
 )
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Per process.")
-@click.option("--gradient-accumulation", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option(
-    "--lr-scheduler",
-    type=click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
-    default="cosine",
-    show_default=True,
-)
-@click.option("--warmup-ratio", type=click.FloatRange(0, 1), default=0.03, show_default=True)
-@click.option(
-    "--max-seq-len",
-    type=click.IntRange(min=16),
-    default=1024,
-    show_default=True,
-    help="Longer examples are truncated (the end-of-turn token is kept).",
-)
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
-@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), help="[default: 2 × rank]")
-@click.option("--lora-dropout", type=click.FloatRange(0, 1), default=0.05, show_default=True)
-@click.option("--target-modules", help="Comma-separated module names, or all-linear [default: per architecture].")
-@click.option("--use-4bit", is_flag=True, help="QLoRA: load the base model in 4-bit NF4 (bitsandbytes).")
-@click.option("--use-8bit", is_flag=True, help="Load the base model in 8-bit (bitsandbytes).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-    default="auto",
-    show_default=True,
-    help="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on a CPU.",
-)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--save-steps",
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-    help="Checkpoint every N optimizer steps (and on SIGTERM).",
-)
-@click.option("--logging-steps", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code (only if you trust it).")
+@_train_options
 def train(
+    spec_path: Path | None,
     dataset: str,
     data_root: Path | None,
-    model: str,
     output_dir: Path | None,
-    use_4bit: bool,
-    use_8bit: bool,
+    use_4bit: bool | None,
+    use_8bit: bool | None,
     target_modules: str | None,
-    lora_rank: int,
-    lora_alpha: int | None,
-    lora_dropout: float,
-    gradient_checkpointing: bool,
-    precision: str,
-    trust_remote_code: bool,
-    **options: Any,
+    **flags: Any,
 ) -> None:
     """LoRA/QLoRA fine-tune a causal LM on a curated dataset; writes the adapter and metrics.
+
+    Rerunning with the same --output-dir resumes from its newest checkpoint.
 
     \b
     Several GPUs: the same command under a launcher, one process per GPU:
@@ -299,27 +322,20 @@ def train(
     if use_4bit and use_8bit:
         raise click.UsageError("--use-4bit and --use-8bit exclude each other; pick one")
     from saige_k8s.dataset.writer import resolve_dataset
+    from saige_k8s.spec import PipelineSpec, load_spec, override_train
     from saige_k8s.training.loop import TrainOptions
     from saige_k8s.training.loop import train as run_train
-    from saige_k8s.training.model import ModelOptions
 
-    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or "./saige-data")
+    spec = load_spec(spec_path) if spec_path else PipelineSpec()
+    if use_4bit or use_8bit:
+        flags["quantization"] = "4bit" if use_4bit else "8bit"
+    if target_modules:
+        flags["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
+    train_spec = override_train(spec.train, flags)
+    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root)
     dataset_dir = resolve_dataset(root, dataset)
-    run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(model)}"
-    model_options = ModelOptions(
-        model=model,
-        quantization="4bit" if use_4bit else ("8bit" if use_8bit else None),
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=[m.strip() for m in target_modules.split(",")] if target_modules else None,
-        gradient_checkpointing=gradient_checkpointing,
-        precision=precision,  # type: ignore[arg-type]
-        trust_remote_code=trust_remote_code,
-    )
-    metrics = run_train(
-        TrainOptions(dataset=dataset_dir, run_dir=run_dir, model=model_options, progress=True, **options)
-    )
+    run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(train_spec.model)}"
+    metrics = run_train(TrainOptions(dataset=dataset_dir, run_dir=run_dir, spec=train_spec, progress=True))
     if os.environ.get("RANK", "0") != "0":  # under a launcher, one process reports
         return
     before, after = metrics["eval_loss_before"], metrics["eval_loss"]

@@ -7,7 +7,7 @@ the CLI builds from flags; flags given on the command line override the spec's v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,6 +28,7 @@ class SourceSpec(_Strict):
     db_schema: str | None = Field(default=None, alias="schema")
     #: Logical column -> the table's column, for tables that name them differently.
     columns: dict[str, str] = Field(default_factory=dict)
+    demo: DemoSourceSpec | None = None
 
 
 class FilterSpec(_Strict):
@@ -79,12 +80,62 @@ class ExtractSpec(_Strict):
     min_examples: Annotated[int, Field(ge=1)] = 100
 
 
+class DemoSourceSpec(_Strict):
+    """Create ``source.url`` as a demo database first when it does not exist (local runs)."""
+
+    rows: Annotated[int, Field(ge=1)] = 2000
+    seed: int = 0
+
+
+class TrainSpec(_Strict):
+    """Fine-tuning settings; the ``saige-k8s train`` flags of the same names override them."""
+
+    model: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    epochs: Annotated[float, Field(gt=0)] = 3.0
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    gradient_accumulation: Annotated[int, Field(ge=1)] = 1
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.03
+    max_seq_len: Annotated[int, Field(ge=16)] = 1024
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    max_eval_examples: Annotated[int, Field(ge=0)] | None = None
+    lora_rank: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[int, Field(ge=1)] | None = None
+    lora_dropout: Annotated[float, Field(ge=0, le=1)] = 0.05
+    #: Module names, ["all-linear"], or unset for PEFT's default per architecture.
+    target_modules: list[str] | None = None
+    quantization: Literal["4bit", "8bit"] | None = None
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    save_steps: Annotated[int, Field(ge=1)] = 50
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    trust_remote_code: bool = False
+    #: GPUs per training pod; more than one launches one process per GPU.
+    gpus: Annotated[int, Field(ge=0)] = 1
+    #: Merge the adapter into the base model and write an Ollama Modelfile after training.
+    export: bool = False
+
+
 class PipelineSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")] = "saige"
     #: The shared volume: datasets/ and runs/ live under it.
     data_root: str = "./saige-data"
     source: SourceSpec = Field(default_factory=SourceSpec)
     extract: ExtractSpec = Field(default_factory=ExtractSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:
+    """``train`` with the command-line values that were given (None: not given)."""
+    values = {**train.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        return TrainSpec.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "train"
+        raise ConfigError(f"{flag}: {_message(first)}") from None
 
 
 def load_spec(path: Path | str) -> PipelineSpec:
@@ -129,4 +180,14 @@ def _message(error: Any) -> str:
     return message
 
 
-__all__ = ["PRESETS", "ExtractSpec", "FilterSpec", "PipelineSpec", "SourceSpec", "load_spec", "parse_spec"]
+__all__ = [
+    "PRESETS",
+    "DemoSourceSpec",
+    "ExtractSpec",
+    "FilterSpec",
+    "PipelineSpec",
+    "SourceSpec",
+    "TrainSpec",
+    "load_spec",
+    "parse_spec",
+]

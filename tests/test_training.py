@@ -218,9 +218,10 @@ def test_qlora_path_runs_on_cpu(training_root: Path, tmp_path: Path, bits: str) 
     """bitsandbytes quantises the base model; LoRA trains on top and still lowers the loss."""
     import bitsandbytes as bnb
 
-    from saige_k8s.training.model import ModelOptions, load_model
+    from saige_k8s.spec import TrainSpec
+    from saige_k8s.training.model import load_model
 
-    options = ModelOptions(model=str(training_root / "model"), quantization=bits, target_modules=["all-linear"])
+    options = TrainSpec(model=str(training_root / "model"), quantization=bits, target_modules=["all-linear"])
     quantized = (bnb.nn.Linear4bit,) if bits == "4bit" else (bnb.nn.Linear8bitLt,)
     assert any(isinstance(m, quantized) for m in load_model(options).modules())
     run = tmp_path / "run"
@@ -228,7 +229,7 @@ def test_qlora_path_runs_on_cpu(training_root: Path, tmp_path: Path, bits: str) 
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
-    assert metrics["hyperparameters"]["model"]["quantization"] == bits
+    assert metrics["hyperparameters"]["quantization"] == bits
 
 
 @pytest.mark.slow

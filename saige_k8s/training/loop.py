@@ -23,6 +23,7 @@ import torch
 
 from saige_k8s.errors import Interrupted
 from saige_k8s.lifecycle import stop_requested
+from saige_k8s.spec import TrainSpec
 from saige_k8s.training.data import (
     Example,
     collate,
@@ -31,7 +32,7 @@ from saige_k8s.training.data import (
     padding_waste,
     tokenize_all,
 )
-from saige_k8s.training.model import ModelOptions, compute_dtype, load_model, load_tokenizer
+from saige_k8s.training.model import compute_dtype, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,7 @@ STATE = "trainer_state.json"
 class TrainOptions:
     dataset: Path
     run_dir: Path
-    model: ModelOptions
-    epochs: float = 3.0
-    batch_size: int = 4
-    gradient_accumulation: int = 1
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_seq_len: int = 1024
-    seed: int = 42
-    save_steps: int = 50
-    logging_steps: int = 10
-    #: Stop after this many optimizer steps (smoke tests, demos); None: train all epochs.
-    max_steps: int | None = None
+    spec: TrainSpec
     keep_checkpoints: int = 2
     progress: bool = False
 
@@ -78,37 +67,38 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
     from transformers import get_scheduler
 
     started = time.perf_counter()
-    dtype = compute_dtype(options.model.precision)
+    spec = options.spec
+    dtype = compute_dtype(spec.precision)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     accelerator = Accelerator(
         # On a CPU, accelerate joins a torchrun/launch process group (gloo) only when told so.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed if options.model.quantization is None else "no",
-        gradient_accumulation_steps=options.gradient_accumulation,
+        mixed_precision=mixed if spec.quantization is None else "no",
+        gradient_accumulation_steps=spec.gradient_accumulation,
         log_with="tensorboard",
         project_dir=str(options.run_dir),
     )
-    set_seed(options.seed)
+    set_seed(spec.seed)
     data = load_dataset_dir(options.dataset)
-    tokenizer = load_tokenizer(options.model)
-    train_examples = tokenize_all(tokenizer, data, "train", options.max_seq_len)
-    eval_examples = tokenize_all(tokenizer, data, "eval", options.max_seq_len)
-    model = load_model(options.model)
+    tokenizer = load_tokenizer(spec)
+    train_examples = tokenize_all(tokenizer, data, "train", spec.max_seq_len)
+    eval_examples = tokenize_all(tokenizer, data, "eval", spec.max_seq_len)[: spec.max_eval_examples]
+    model = load_model(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lengths = [len(e) for e in train_examples]
-    batches_per_epoch = math.ceil(len(train_examples) / options.batch_size)
+    batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
     per_process = batches_per_epoch // accelerator.num_processes or 1
-    steps_per_epoch = max(1, per_process // options.gradient_accumulation)
-    total_steps = max(1, math.ceil(steps_per_epoch * options.epochs))
-    if options.max_steps is not None:
-        total_steps = min(total_steps, options.max_steps)
+    steps_per_epoch = max(1, per_process // spec.gradient_accumulation)
+    total_steps = max(1, math.ceil(steps_per_epoch * spec.epochs))
+    if spec.max_steps is not None:
+        total_steps = min(total_steps, spec.max_steps)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler(
-        options.lr_scheduler,
+        spec.lr_scheduler,
         optimizer,
-        num_warmup_steps=int(options.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_warmup_steps=int(spec.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -116,7 +106,7 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
     if accelerator.is_main_process:
         options.run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("tensorboard")
-    eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+    eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
     if state.step:
         log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
 
@@ -128,7 +118,7 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
     window_loss, window_batches = 0.0, 0
     progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
     while state.step < total_steps:
-        batches = length_grouped_batches(lengths, options.batch_size, options.seed, state.epoch)
+        batches = length_grouped_batches(lengths, spec.batch_size, spec.seed, state.epoch)
         usable = len(batches) - len(batches) % accelerator.num_processes or len(batches)
         mine = batches[accelerator.process_index : usable : accelerator.num_processes]
         waste.append(padding_waste(lengths, batches))
@@ -150,14 +140,14 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
                 continue
             state.step += 1
             progress.update(1)
-            if state.step % options.logging_steps == 0 or state.step == total_steps:
+            if state.step % spec.logging_steps == 0 or state.step == total_steps:
                 rate = (state.tokens - tokens_at_start) / (time.perf_counter() - run_started)
                 _log_step(accelerator, state, window_loss / max(window_batches, 1), scheduler, rate, progress)
                 window_loss, window_batches = 0.0, 0
             if _should_stop(accelerator):
                 _checkpoint(accelerator, options, state)
                 raise Interrupted(f"stopped by SIGTERM at step {state.step}; checkpoint saved, rerun to resume")
-            if state.step % options.save_steps == 0:
+            if state.step % spec.save_steps == 0:
                 _checkpoint(accelerator, options, state)
             if state.step >= total_steps:
                 break
@@ -167,13 +157,13 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
     progress.close()
     epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
     duration = time.perf_counter() - started
-    eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+    eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
     train_seconds = time.perf_counter() - run_started
     metrics = {
         "dataset_id": data.manifest.get("dataset_id"),
         "dataset_path": str(data.path),
         "format": data.format,
-        "base_model": options.model.model,
+        "base_model": spec.model,
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
         "steps": state.step,
@@ -188,7 +178,7 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
         "processes": accelerator.num_processes,
         "device": str(accelerator.device),
         "duration_seconds": duration,
-        "hyperparameters": _hyperparameters(options),
+        "hyperparameters": spec.model_dump(),
         "log": state.log,
     }
     accelerator.wait_for_everyone()
@@ -274,12 +264,6 @@ def _resume(accelerator: Any, run_dir: Path) -> _State:
         return _State()
     accelerator.load_state(str(checkpoint))
     return _State(**json.loads((checkpoint / STATE).read_text()))
-
-
-def _hyperparameters(options: TrainOptions) -> dict[str, Any]:
-    values = asdict(options)
-    values.pop("progress")
-    return json.loads(json.dumps(values, default=str))
 
 
 class _PlainProgress:

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
-Quantization = Literal["4bit", "8bit"] | None
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    #: Hub name, local directory, or a local ``.gguf`` file.
-    model: str
-    quantization: Quantization = None
-    lora_rank: int = 16
-    lora_alpha: int | None = None  # default: 2 × rank
-    lora_dropout: float = 0.05
-    #: None: PEFT's default for the architecture; ["all-linear"]: every linear layer.
-    target_modules: list[str] | None = field(default=None)
-    gradient_checkpointing: bool = False
-    precision: Precision = "auto"
-    trust_remote_code: bool = False
 
 
 def compute_dtype(precision: Precision) -> torch.dtype:
@@ -52,7 +36,7 @@ def _source(model: str) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
-def load_tokenizer(options: ModelOptions) -> Any:
+def load_tokenizer(options: TrainSpec) -> Any:
     from transformers import AutoTokenizer
 
     source, extra = _source(options.model)
@@ -66,7 +50,7 @@ def load_tokenizer(options: ModelOptions) -> Any:
     return tokenizer
 
 
-def check_quantization(quantization: Quantization) -> None:
+def check_quantization(quantization: str | None) -> None:
     if quantization is None:
         return
     try:
@@ -75,7 +59,7 @@ def check_quantization(quantization: Quantization) -> None:
         raise ConfigError(f"--use-{quantization} needs bitsandbytes, which cannot be loaded here: {exc}") from None
 
 
-def load_model(options: ModelOptions) -> Any:
+def load_model(options: TrainSpec) -> Any:
     """The base model (quantised if asked) wrapped in a trainable LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
