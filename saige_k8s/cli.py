@@ -346,6 +346,54 @@ def train(
     )
 
 
+@cli.command()
+@click.option(
+    "-f",
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Pipeline spec (YAML), e.g. jobs/demo.yaml.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or the spec's data_root].",
+)
+def run(spec_path: Path, data_root: Path | None) -> None:
+    """Run the pipeline on this machine: (demo database,) extract, then train (then export).
+
+    Each step is a subprocess running the same command a Kubernetes pod would run.
+    """
+    from saige_k8s.runners.local import run_local
+    from saige_k8s.spec import load_spec
+
+    spec = load_spec(spec_path)
+    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root)
+    result = run_local(spec, spec_path, root)
+    metrics = result.metrics
+    click.echo(
+        f"Pipeline {result.run_id}: dataset {result.dataset['dataset_id']} ({result.dataset['kept']} examples), "
+        f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}; adapter in "
+        f"{result.run_dir / 'adapter'}"
+    )
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="[default: RUN_DIR/merged]")
+def export(run_dir: Path, out: Path | None) -> None:
+    """Merge a run's adapter into its base model (safetensors) and write an Ollama Modelfile.
+
+    \b
+    Then: ollama create saige-ethics -f RUN_DIR/Modelfile
+    """
+    from saige_k8s.training.export import MODELFILE, export_run
+
+    merged = export_run(run_dir, out)
+    click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")
+
+
 def _slug(model: str) -> str:
     name = Path(model).stem if model.endswith(".gguf") else model.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60]

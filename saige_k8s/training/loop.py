@@ -163,6 +163,7 @@ def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop 
         "dataset_id": data.manifest.get("dataset_id"),
         "dataset_path": str(data.path),
         "format": data.format,
+        "system_prompt": data.system,
         "base_model": spec.model,
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),

