@@ -394,6 +394,52 @@ def export(run_dir: Path, out: Path | None) -> None:
     click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")
 
 
+@cli.command()
+@click.option("--dataset", metavar="DIR|ID|LATEST", help="Count the examples of this dataset.")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or ./saige-data].",
+)
+@click.option("--examples", type=click.IntRange(min=0), help="Or give the number of examples directly.")
+@click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), help="GPU memory per GPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+def recommend(
+    dataset: str | None, data_root: Path | None, examples: int | None, gpu_memory_gb: float | None, as_json: bool
+) -> None:
+    """Recommend model, epochs, LoRA rank, batch size and 4-bit from dataset size and GPU memory."""
+    from saige_k8s.training.recommend import recommend as advise
+
+    if (dataset is None) == (examples is None):
+        raise click.UsageError("give exactly one of --dataset or --examples")
+    if dataset is not None:
+        from saige_k8s.dataset.writer import MANIFEST, resolve_dataset
+
+        root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or "./saige-data")
+        path = resolve_dataset(root, dataset)
+        manifest = json.loads((path / MANIFEST).read_text())
+        examples = int(manifest["counts"]["train"])
+        dataset_format = manifest["format"]
+    advice = advise(int(examples or 0), gpu_memory_gb)
+    if dataset is not None and dataset_format != advice.format:
+        click.echo(
+            f"note: the dataset is in {dataset_format} format; extract again with --format {advice.format} "
+            f"for {advice.model}",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(advice.as_dict()))
+        return
+    for warning in advice.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    memory = f"{gpu_memory_gb:g} GB GPU" if gpu_memory_gb else "GPU memory not given"
+    click.echo(f"For {advice.examples} examples ({memory}):")
+    click.echo(f"   model {advice.model} ({'4-bit QLoRA' if advice.use_4bit else 'LoRA'}), format {advice.format}")
+    click.echo(f"   epochs {advice.epochs}, batch size {advice.batch_size}, LoRA rank {advice.lora_rank}")
+    click.echo(f"   about {advice.estimated_minutes_on_t4:g} min on a T4 (16 GB)")
+    click.echo(f"   {advice.command(dataset or 'LATEST')}")
+
+
 def _slug(model: str) -> str:
     name = Path(model).stem if model.endswith(".gguf") else model.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60]

@@ -27,6 +27,10 @@ class NoExamplesError(InputError):
     """Nothing passed the filters; the message says which filter to relax."""
 
 
+class ResourceError(UsageError):
+    """The job as configured does not fit (out of memory); a retry as it is will fail again."""
+
+
 class RuntimeFailure(SaigeError):
     """Something failed while running: I/O, a lost connection, a killed subprocess (exit 1)."""
 

@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import need_tool, run_cli
 
 try:
-    import torch  # noqa: F401
+    import torch
 except ImportError:
     need_tool("torch is not installed (pip install -e '.[train]')")
 
@@ -139,3 +139,32 @@ def test_demo_spec_runs_end_to_end_on_smollm2(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert (run / "merged" / "model.safetensors").exists() and (run / "Modelfile").exists()
+
+
+def test_recommendations_follow_size_and_memory() -> None:
+    from saige_k8s.training.recommend import recommend
+
+    small = recommend(60)
+    assert small.warnings and "1000+" in small.warnings[0]
+    assert small.epochs > recommend(2000).epochs >= recommend(20_000).epochs
+    assert recommend(2000, 6).use_4bit and recommend(2000, 6).batch_size == 1
+    assert recommend(2000, 24).model.startswith("mistralai/") and recommend(2000, 24).use_4bit
+    assert recommend(2000, 80).format == "llama3"
+    assert recommend(20_000).lora_rank >= recommend(2000).lora_rank >= recommend(200).lora_rank
+    result = run_cli("recommend", "--examples", "2000", "--gpu-memory-gb", "24", "--json")
+    assert result.exit_code == 0
+    assert "--use-4bit" in json.loads(result.stdout)["command"]
+
+
+def test_out_of_memory_gives_the_seeds_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import saige_k8s.training.loop as loop
+
+    def exhausted(options: object) -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loop, "_train", exhausted)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text("{}")
+    result = run_cli("train", "--dataset", tmp_path / "ds", "--model", "x", "--output-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "--use-4bit" in result.stderr and "--batch-size" in result.stderr and "smaller model" in result.stderr

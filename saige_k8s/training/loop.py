@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from saige_k8s.errors import Interrupted
+from saige_k8s.errors import Interrupted, ResourceError
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
 from saige_k8s.training.data import (
@@ -61,7 +61,20 @@ class _State:
     log: list[dict[str, float]] = field(default_factory=list)
 
 
-def train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop reads best in one piece
+OOM_HINT = (
+    "out of memory: try --use-4bit, a smaller --batch-size (with --gradient-accumulation), --max-seq-len, "
+    "--gradient-checkpointing, or a smaller model (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0)"
+)
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    try:
+        return _train(options)
+    except torch.OutOfMemoryError:
+        raise ResourceError(OOM_HINT) from None
+
+
+def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop reads best in one piece
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
