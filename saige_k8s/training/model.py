@@ -61,6 +61,8 @@ def load_tokenizer(options: TrainSpec) -> Any:
     source, extra = _source(options.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=options.trust_remote_code, **extra)
+    except ImportError as exc:
+        raise ConfigError(f"model {options.model!r} needs a package that is missing: {exc}") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
@@ -94,6 +96,8 @@ def load_base_model(options: TrainSpec, dtype: torch.dtype | None = None) -> Any
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(f"model {options.model!r} needs a package that is missing: {exc}") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
 

