@@ -286,7 +286,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
     default="LATEST",
     show_default=True,
     metavar="DIR|ID|LATEST",
-    help="Dataset directory, or an id / LATEST under DATA_ROOT/datasets.",
+    help="Dataset directory, an id or LATEST under DATA_ROOT/datasets, or the CSV of extract --csv.",
 )
 @click.option(
     "--data-root",

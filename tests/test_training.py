@@ -255,3 +255,42 @@ def test_two_processes_on_gloo(training_root: Path, tmp_path: Path) -> None:
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert result.stdout.count("Trained ") == 1  # one process reports
     assert metrics["log"][-1]["learning_rate"] < 0.1 * 3e-3  # the schedule decays over the real steps
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_seed_csv_trains_like_the_dataset(training_root: Path, tmp_path: Path, fmt: str) -> None:
+    """`--data file.csv` (the seed's workflow): the CSV's text splits back into the same turns."""
+    from saige_k8s.training.data import load_csv
+
+    csv_path = tmp_path / "training.csv"
+    extract(
+        ExtractRequest(
+            db=str(training_root / "saige.db"),
+            data_root=tmp_path / "data",
+            format=fmt,
+            eval_fraction=0.0,
+            csv_path=csv_path,
+        )
+    )
+    from_csv = load_csv(csv_path)
+    published = load_dataset_dir(next((tmp_path / "data" / "datasets").glob("2*")))
+    assert from_csv.format == fmt and from_csv.system == published.system
+    assert sorted(from_csv.train + from_csv.eval) == sorted(published.train)
+    assert 0 < len(from_csv.eval) < len(from_csv.train) / 5
+    if fmt == "tinyllama":
+        run = tmp_path / "run"
+        result = run_cli(
+            "train",
+            "--data",
+            str(csv_path),
+            "--model",
+            str(training_root / "model"),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "5",
+            "--max-seq-len",
+            "256",
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads((run / "metrics.json").read_text())["format"] == "tinyllama"

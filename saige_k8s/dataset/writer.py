@@ -54,8 +54,10 @@ def check_dataset_id(dataset_id: str) -> str:
 
 
 def resolve_dataset(data_root: Path, ref: str) -> Path:
-    """``LATEST``, an id, or a directory path -> the dataset directory (must be complete)."""
+    """``LATEST``, an id, a directory or a CSV file -> the dataset (a directory must be complete)."""
     candidate = Path(ref)
+    if candidate.suffix == ".csv" and candidate.is_file():
+        return candidate  # the seed's CSV; training reads it directly
     if ref == LATEST:
         latest = data_root / DATASETS / LATEST
         if not latest.is_file():

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from saige_k8s.dataset.formats import FORMATS, render_turns
+from saige_k8s.dataset.formats import FORMATS, prompt_prefix, render_turns
 from saige_k8s.dataset.writer import MANIFEST
 from saige_k8s.errors import InputError
 
@@ -47,7 +47,9 @@ class LoadedDataset:
 
 
 def load_dataset_dir(path: Path) -> LoadedDataset:
-    """Read a published dataset (DESIGN §3.4); errors say what is missing or broken."""
+    """Read a published dataset (DESIGN §3.4), or the seed's CSV; errors say what is wrong."""
+    if path.suffix == ".csv" and path.is_file():
+        return load_csv(path)
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -72,6 +74,54 @@ def load_dataset_dir(path: Path) -> LoadedDataset:
     if not splits["train"]:
         raise InputError(f"dataset {path} has no training examples")
     return LoadedDataset(path, manifest, fmt, manifest.get("system_prompt", ""), splits["train"], splits["eval"])
+
+
+CSV_EVAL_FRACTION = 0.05
+
+
+def load_csv(path: Path) -> LoadedDataset:
+    """The seed's CSV (``extract --csv``): ``text`` split back into turns by its ``format``.
+
+    A CSV has no eval split; 5 % of the rows are held out by a hash of their id, as
+    extraction does.
+    """
+    import pyarrow.csv as pcsv
+
+    from saige_k8s.dataset.curate import eval_mask
+
+    try:
+        table = pcsv.read_csv(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise InputError(f"cannot read CSV {path}: {str(exc).splitlines()[0]}") from None
+    missing = {"id", "text", "format"} - set(table.column_names)
+    if missing or not table.num_rows:
+        raise InputError(f"CSV {path} needs rows with id, text and format columns (missing: {sorted(missing)})")
+    formats = set(table.column("format").to_pylist())
+    if len(formats) != 1 or (fmt := formats.pop()) not in FORMATS:
+        raise InputError(f"CSV {path} must hold one known format, found {sorted(map(str, formats))}")
+    system, rows = "", []
+    for text in table.column("text").to_pylist():
+        system, turn, response = split_text(text, fmt)
+        rows.append((turn, response))
+    held_out = eval_mask(table.column("id").cast("string"), CSV_EVAL_FRACTION)
+    train = [row for row, out in zip(rows, held_out, strict=True) if not out]
+    evaluation = [row for row, out in zip(rows, held_out, strict=True) if out]
+    return LoadedDataset(path, {"dataset_id": path.stem, "format": fmt}, fmt, system, train, evaluation)
+
+
+def split_text(text: str, fmt_name: str) -> tuple[str, str, str]:
+    """(system prompt, user turn, response) of a rendered text; the inverse of ``render_turns``."""
+    fmt = FORMATS[fmt_name]
+    if not text.endswith(fmt.end_of_turn) or fmt.assistant_open not in text:
+        raise InputError(f"text is not in {fmt_name} format: {text[:80]!r}")
+    body, response = text[: -len(fmt.end_of_turn)].rsplit(fmt.assistant_open, 1)
+    system = ""
+    if fmt.system_open is not None and body.startswith(fmt.system_open) and fmt.user_open in body:
+        system, body = body[len(fmt.system_open) :].split(fmt.user_open, 1)
+    else:
+        bare, _ = prompt_prefix(fmt, "")
+        body = body.removeprefix(bare)
+    return system, body, response
 
 
 def _turns(messages: list[dict[str, str]]) -> tuple[str, str]:
