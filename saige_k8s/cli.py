@@ -95,6 +95,12 @@ def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: i
     click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
 
 
+def _spec_option(help_text: str, required: bool = False):
+    return click.option(
+        "-f", "--spec", "spec_path", required=required, type=click.Path(dir_okay=False, path_type=Path), help=help_text
+    )
+
+
 def _threshold_options(func):  # noqa: ANN001 - a click decorator
     for component in reversed(HARM_COMPONENTS):
         func = click.option(f"--max-{component}", type=float, help=f"Keep {component} < this (NULL passes).")(func)
@@ -104,13 +110,7 @@ def _threshold_options(func):  # noqa: ANN001 - a click decorator
 
 
 @cli.command()
-@click.option(
-    "-f",
-    "--spec",
-    "spec_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Pipeline spec (YAML); flags override its values.",
-)
+@_spec_option("Pipeline spec (YAML); flags override its values.")
 @click.option("--db", metavar="PATH_OR_URL", help="SQLite file or SQLAlchemy URL [default: $SAIGE_DB_URL].")
 @click.option("--table", help="Experiences table [default: experiences].")
 @click.option(
@@ -272,13 +272,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
 
 
 @cli.command()
-@click.option(
-    "-f",
-    "--spec",
-    "spec_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Pipeline spec (YAML); its train: block, overridden by flags.",
-)
+@_spec_option("Pipeline spec (YAML); its train: block, overridden by flags.")
 @click.option(
     "--dataset",
     "--data",
@@ -347,14 +341,7 @@ def train(
 
 
 @cli.command()
-@click.option(
-    "-f",
-    "--spec",
-    "spec_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Pipeline spec (YAML), e.g. jobs/demo.yaml.",
-)
+@_spec_option("Pipeline spec (YAML), e.g. jobs/demo.yaml.", required=True)
 @click.option(
     "--data-root",
     type=click.Path(file_okay=False, path_type=Path),

@@ -97,6 +97,9 @@ class TrainSpec(_Strict):
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    #: Gradients are clipped to this norm (0: no clipping).
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     max_seq_len: Annotated[int, Field(ge=16)] = 1024
     max_steps: Annotated[int, Field(ge=1)] | None = None
     max_eval_examples: Annotated[int, Field(ge=0)] | None = None

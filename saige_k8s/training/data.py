@@ -11,9 +11,8 @@ model learns to stop. Padding never becomes a label, whatever its id.
 from __future__ import annotations
 
 import json
-import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,14 +197,3 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, list[list[int
         "labels": [e.labels + [IGNORE] * (width - len(e)) for e in examples],
         "attention_mask": [[1] * len(e) + [0] * (width - len(e)) for e in examples],
     }
-
-
-def steps_per_epoch(examples: int, batch_size: int, accumulation: int, processes: int = 1) -> int:
-    batches = math.ceil(examples / batch_size)
-    return max(1, math.ceil(batches / (accumulation * processes)))
-
-
-def iterate_shard(batches: list[list[int]], rank: int, world: int) -> Iterator[list[int]]:
-    """This process's share of the batches; every process gets the same number (DDP needs it)."""
-    usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
-    yield from batches[rank:usable:world]

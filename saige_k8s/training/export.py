@@ -42,22 +42,14 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Merge ``run_dir/adapter`` into its base model (safetensors) and write the Modelfile."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from saige_k8s.training.model import load_base_model
+    from saige_k8s.training.model import load_base_model, without_quantization_config
 
     metrics = _read_metrics(run_dir)
     out = out_dir or run_dir / MERGED
     spec = TrainSpec.model_validate({**metrics["hyperparameters"], "quantization": None})
     base = load_base_model(spec, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
-    config = merged.config
-    if getattr(config, "quantization_config", None) is not None:
-        # A GGUF base is dequantised on load; save it as the plain model it now is.
-        del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config)
-        fresh.load_state_dict(merged.state_dict())
-        merged = fresh
+    merged = without_quantization_config(PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload())
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out)

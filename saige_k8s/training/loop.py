@@ -58,6 +58,8 @@ class _State:
     #: Batches of ``epoch`` already consumed (by this process's shard).
     batch_in_epoch: int = 0
     tokens: int = 0
+    #: Eval loss of the untrained adapter, kept so a resumed run still reports it.
+    eval_before: float | None = None
     log: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -74,7 +76,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         raise ResourceError(OOM_HINT) from None
 
 
-def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop reads best in one piece
+def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 - the loop reads best in one piece
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -106,7 +108,9 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop
     if spec.max_steps is not None:
         total_steps = min(total_steps, spec.max_steps)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
     # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler(
         spec.lr_scheduler,
@@ -119,9 +123,8 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop
     if accelerator.is_main_process:
         options.run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("tensorboard")
-    eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
-    if state.step:
-        log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    if not state.step:  # a resumed run keeps the untrained adapter's eval loss
+        state.eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
 
     model.train()
     waste = []
@@ -142,6 +145,8 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and spec.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -183,7 +188,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0915 - the loop
         "steps": state.step,
         "epochs": round(epochs_done, 4),
         "train_loss": state.log[-1]["loss"] if state.log else None,
-        "eval_loss_before": eval_before,
+        "eval_loss_before": state.eval_before,
         "eval_loss": eval_after,
         "tokens": state.tokens,
         "tokens_per_second": (state.tokens - tokens_at_start) / train_seconds if train_seconds else None,
@@ -277,7 +282,9 @@ def _resume(accelerator: Any, run_dir: Path) -> _State:
     if checkpoint is None:
         return _State()
     accelerator.load_state(str(checkpoint))
-    return _State(**json.loads((checkpoint / STATE).read_text()))
+    state = _State(**json.loads((checkpoint / STATE).read_text()))
+    log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    return state
 
 
 class _PlainProgress:

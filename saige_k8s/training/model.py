@@ -127,3 +127,19 @@ def load_model(options: TrainSpec) -> Any:
     except ValueError as exc:
         hint = "(try --target-modules all-linear)"
         raise ConfigError(f"LoRA target modules: {str(exc).splitlines()[0]} {hint}") from None
+
+
+def without_quantization_config(model: Any) -> Any:
+    """A GGUF base is dequantised on load but still says it is quantised; a plain copy of it.
+
+    Saving (export) and other trainers (TRL) refuse a model that claims GGUF quantisation.
+    """
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh

@@ -54,6 +54,19 @@ def tiny_model(work: Path, dataset: Path) -> str:
     return str(build_tiny_model(work / "tiny", texts, vocab_size=2000, hidden=256))
 
 
+def plain_base(work: Path, model: str) -> str:
+    """A GGUF model saved as a plain checkpoint, so that TRL (which refuses GGUF) can train it too."""
+    import torch
+
+    from saige_k8s.spec import TrainSpec
+    from saige_k8s.training.model import load_base_model, load_tokenizer, without_quantization_config
+
+    spec = TrainSpec(model=model)
+    without_quantization_config(load_base_model(spec, dtype=torch.float32)).save_pretrained(work / "base")
+    load_tokenizer(spec).save_pretrained(work / "base")
+    return str(work / "base")
+
+
 def _spec(args: argparse.Namespace, model: str):
     from saige_k8s.spec import TrainSpec
 
@@ -215,7 +228,10 @@ def main() -> None:
     args = parse(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="saige-bench-train-"))
     dataset = prepare(work, args.rows, args.format)
-    model = args.model or tiny_model(work, dataset)
+    if args.model and (args.model.endswith(".gguf") or args.model.startswith("package://")):
+        model = plain_base(work, args.model)
+    else:
+        model = args.model or tiny_model(work, dataset)
     print(
         f"Machine: nproc {os.cpu_count()}; dataset {dataset}; model {args.model or 'tiny (built offline)'}; "
         f"batch {args.batch_size} x accumulation {args.accumulation}, max_seq_len {args.max_seq_len}, 1 epoch",
