@@ -228,6 +228,11 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
             },
         ),
         ("--warmup-ratio", {"type": float, "help": f"[default: {default.warmup_ratio}]"}),
+        ("--weight-decay", {"type": float, "help": f"[default: {default.weight_decay}]"}),
+        (
+            "--max-grad-norm",
+            {"type": float, "help": f"Clip gradients to this norm; 0: off [default: {default.max_grad_norm}]."},
+        ),
         (
             "--max-seq-len",
             {
