@@ -17,6 +17,7 @@ from typing import Any
 from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
 from saige_k8s.runners.commands import Programs, demo_db_command, export_command, extract_command, train_command
 from saige_k8s.spec import PipelineSpec
+from saige_k8s.training.devices import local_gpus
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,7 @@ def run_local(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str 
 
 
 def _local_processes(gpus: int) -> int:
-    try:
-        import torch
-    except ImportError:
-        return 1
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max(1, min(gpus, available))
+    return max(1, min(gpus, local_gpus()))
 
 
 def _step(name: str, command: list[str], capture: bool = False) -> str:
