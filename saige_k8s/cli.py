@@ -152,6 +152,13 @@ def _threshold_options(func):  # noqa: ANN001 - a click decorator
     help="Also write the examples as CSV (the seed's output) to this file.",
 )
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable row instead of counting it.")
+@click.option(
+    "--pushgateway",
+    envvar="SAIGE_PUSHGATEWAY_URL",
+    metavar="URL",
+    help="Push dataset-quality metrics here [default: $SAIGE_PUSHGATEWAY_URL]; metrics.prom is always "
+    "written into the dataset directory.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
 def extract(
     spec_path: Path | None,
@@ -164,6 +171,7 @@ def extract(
     dataset_id: str | None,
     csv_path: Path | None,
     strict: bool | None,
+    pushgateway: str | None,
     as_json: bool,
     **thresholds: Any,
 ) -> None:
@@ -197,6 +205,11 @@ def extract(
         progress=True,
     )
     result = run_extract(request)
+    from saige_k8s import metrics
+
+    registry = metrics.extraction_registry(result.manifest)
+    metrics.write_textfile(registry, result.path)
+    metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
     if as_json:
         click.echo(json.dumps(result.summary))
     else:
