@@ -51,24 +51,27 @@ class ExtractionCollector(Collector):
         yield counter(
             "saige_extract_rows_duplicate", "Exact duplicates removed by the last extraction.", counts["duplicates"]
         )
-        invalid = CounterMetricFamily(
-            "saige_extract_rows_invalid", "Unusable rows by reason (last extraction).", labels=["reason"]
+        yield _labelled(
+            CounterMetricFamily,
+            "saige_extract_rows_invalid",
+            "Unusable rows by reason (last extraction).",
+            "reason",
+            m["invalid"],
         )
-        for reason, n in m["invalid"].items():
-            invalid.add_metric([reason], n)
-        yield invalid
-        removed = CounterMetricFamily(
-            "saige_extract_rows_removed", "Rows removed by each filter (last extraction).", labels=["filter"]
+        yield _labelled(
+            CounterMetricFamily,
+            "saige_extract_rows_removed",
+            "Rows removed by each filter (last extraction).",
+            "filter",
+            m["removed"],
         )
-        for name, n in m["removed"].items():
-            removed.add_metric([name], n)
-        yield removed
-        examples = GaugeMetricFamily(
-            "saige_dataset_examples", "Examples in the newest dataset by split.", labels=["split"]
+        yield _labelled(
+            GaugeMetricFamily,
+            "saige_dataset_examples",
+            "Examples in the newest dataset by split.",
+            "split",
+            {"train": counts["train"], "eval": counts["eval"]},
         )
-        examples.add_metric(["train"], counts["train"])
-        examples.add_metric(["eval"], counts["eval"])
-        yield examples
         for key, name, doc in (
             ("actual_harm", "saige_dataset_harm", "Harm score (0-1) of the kept examples."),
             (
@@ -86,18 +89,20 @@ class ExtractionCollector(Collector):
             total = (summary["avg"] or 0.0) * stats["rows"]
             yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
             yield GaugeMetricFamily(f"{name}_mean", f"Mean of {name}.", value=summary["avg"] or 0.0)
-        principles = GaugeMetricFamily(
-            "saige_dataset_principle_mean", "Mean principle score (0-10) of kept examples.", labels=["principle"]
+        yield _labelled(
+            GaugeMetricFamily,
+            "saige_dataset_principle_mean",
+            "Mean principle score (0-10) of kept examples.",
+            "principle",
+            stats["principles"],
         )
-        for principle, value in stats["principles"].items():
-            principles.add_metric([principle], value or 0.0)
-        yield principles
-        alignment = GaugeMetricFamily(
-            "saige_dataset_alignment_ratio", "Share of kept examples per alignment label.", labels=["alignment"]
+        yield _labelled(
+            GaugeMetricFamily,
+            "saige_dataset_alignment_ratio",
+            "Share of kept examples per alignment label.",
+            "alignment",
+            stats["alignment_ratio"],
         )
-        for label, ratio in stats["alignment_ratio"].items():
-            alignment.add_metric([label], ratio)
-        yield alignment
         yield GaugeMetricFamily("saige_source_rows", "Rows in the experiences table.", value=source["rows"])
         yield GaugeMetricFamily(
             "saige_source_harm_mean", "Mean harm of all experiences (usable values).", value=source["mean_harm"] or 0.0
@@ -107,12 +112,13 @@ class ExtractionCollector(Collector):
             "Mean stored weighted score of all experiences.",
             value=source["mean_weighted_score"] or 0.0,
         )
-        source_alignment = GaugeMetricFamily(
-            "saige_source_alignment_ratio", "Share of all experiences per label.", labels=["alignment"]
+        yield _labelled(
+            GaugeMetricFamily,
+            "saige_source_alignment_ratio",
+            "Share of all experiences per label.",
+            "alignment",
+            source["alignment_ratio"],
         )
-        for label, ratio in source["alignment_ratio"].items():
-            source_alignment.add_metric([label], ratio or 0.0)
-        yield source_alignment
         yield GaugeMetricFamily(
             "saige_extract_duration_seconds", "Wall time of the last extraction.", value=m["duration_seconds"]
         )
@@ -129,6 +135,14 @@ class ExtractionCollector(Collector):
         info = GaugeMetricFamily("saige_dataset_info", "The newest dataset (value 1).", labels=["dataset_id", "format"])
         info.add_metric([m["dataset_id"], m["format"]], 1)
         yield info
+
+
+def _labelled(kind: type, name: str, doc: str, label: str, values: dict[str, float | None]) -> Metric:
+    """One family with a sample per key of ``values`` (None, an undefined ratio, reads as 0)."""
+    family = kind(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value or 0.0)
+    return family
 
 
 def extraction_registry(manifest: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:

@@ -12,6 +12,7 @@ import yaml
 
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import judge, rows_query
+from saige_k8s.experiences.schema import REQUIRED_COLUMNS
 from tests.conftest import _free_port, run_cli
 
 
@@ -176,22 +177,8 @@ def test_quoted_identifiers_work_for_odd_real_names(tmp_path: Path) -> None:
 
 
 def test_filter_values_are_bound_parameters() -> None:
-    table = sa.Table(
-        "experiences",
-        sa.MetaData(),
-        *(
-            sa.Column(n)
-            for n in (
-                "id",
-                "user_message",
-                "response",
-                "actual_harm",
-                "buddhist_scores",
-                "buddhist_alignment",
-                "buddhist_weighted_score",
-            )
-        ),
-    )
+    names = (*REQUIRED_COLUMNS, "buddhist_weighted_score")
+    table = sa.Table("experiences", sa.MetaData(), *(sa.Column(n) for n in names))
     mapping = {c.name: c.name for c in table.columns}
     compiled = rows_query(judge(table, mapping, Filters(max_harm=0.123456, min_buddhist=6.54321)), True).compile(
         dialect=sa.dialects.sqlite.dialect()

@@ -88,7 +88,6 @@ class DatasetWriter:
             self.tmp.mkdir()
         except OSError as exc:
             raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
-        self.schema = schema
         self.rows = {"train": 0, "eval": 0}
         # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
         # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.

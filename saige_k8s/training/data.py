@@ -156,8 +156,10 @@ def tokenize(tokenizer: Any, fmt_name: str, system: str, turn: str, response: st
     return Example(ids, labels)
 
 
-def tokenize_all(tokenizer: Any, data: LoadedDataset, split: str, max_len: int) -> list[Example]:
-    rows = data.train if split == "train" else data.eval
+def tokenize_all(
+    tokenizer: Any, data: LoadedDataset, split: str, max_len: int, limit: int | None = None
+) -> list[Example]:
+    rows = (data.train if split == "train" else data.eval)[:limit]
     return [tokenize(tokenizer, data.format, data.system, turn, response, max_len) for turn, response in rows]
 
 

@@ -97,7 +97,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     data = load_dataset_dir(options.dataset)
     tokenizer = load_tokenizer(spec)
     train_examples = tokenize_all(tokenizer, data, "train", spec.max_seq_len)
-    eval_examples = tokenize_all(tokenizer, data, "eval", spec.max_seq_len)[: spec.max_eval_examples]
+    eval_examples = tokenize_all(tokenizer, data, "eval", spec.max_seq_len, limit=spec.max_eval_examples)
     model = load_model(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lengths = [len(e) for e in train_examples]
@@ -233,21 +233,27 @@ def _evaluate(accelerator: Any, model: Any, examples: list[Example], pad_id: int
         return None
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    mine = order[accelerator.process_index :: accelerator.num_processes]
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        batch = _to_tensors(
-            collate([examples[i] for i in mine[start : start + batch_size]], pad_id), accelerator.device
-        )
+    mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
+    total = accelerator.reduce(masked_loss_sums(model, mine, pad_id, batch_size, accelerator.device), reduction="sum")
+    model.train()
+    return float(total[0] / total[1]) if total[1] else None
+
+
+@torch.no_grad()
+def masked_loss_sums(
+    model: Any, examples: list[Example], pad_id: int, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """[sum of token losses, number of label tokens] over ``examples``: labels only, as trained."""
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for start in range(0, len(examples), batch_size):
+        batch = _to_tensors(collate(examples[start : start + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shifted = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="sum"
         )
         total += torch.stack([losses.double(), (shifted != -100).sum().double()])
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    return float(total[0] / total[1]) if total[1] else None
+    return total
 
 
 def _should_stop(accelerator: Any) -> bool:

@@ -433,6 +433,25 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def results_table(results: list, wall_header: str) -> str:
+    """The benchmark's result rows as a markdown table."""
+    return markdown(
+        ["database", "method", "rows", wall_header, "scanned rows/s", "peak RSS MB", "rows out"],
+        [
+            [
+                r.database,
+                r.method,
+                f"{r.rows:,}",
+                f"{r.wall_s:.2f}",
+                f"{r.rows_per_s:,.0f}",
+                f"{r.peak_rss_mb:,.0f}",
+                f"{r.rows_out:,}",
+            ]
+            for r in results
+        ],
+    )
+
+
 def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[str, str], code_after: str) -> str:
     out = [f"Machine: {machine()}", f"Code: {code[0]}, sources {code[1]}"]
     if code_after != code[1]:
@@ -446,23 +465,7 @@ def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[s
         "scanned rows/s = rows in the table / median wall s."
     )
     out.append("")
-    out.append(
-        markdown(
-            ["database", "method", "rows", "median wall s", "scanned rows/s", "peak RSS MB", "rows out"],
-            [
-                [
-                    r.database,
-                    r.method,
-                    f"{r.rows:,}",
-                    f"{r.wall_s:.2f}",
-                    f"{r.rows_per_s:,.0f}",
-                    f"{r.peak_rss_mb:,.0f}",
-                    f"{r.rows_out:,}",
-                ]
-                for r in results
-            ],
-        )
-    )
+    out.append(results_table(results, "median wall s"))
     out.append("")
     for database in dict.fromkeys(r.database for r in results):
         by = {r.method: r for r in results if r.database == database}
@@ -477,23 +480,7 @@ def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[s
         out.append("")
         out.append("Peak RSS of (a) against table size (SQLite):")
         out.append("")
-        out.append(
-            markdown(
-                ["database", "method", "rows", "wall s", "scanned rows/s", "peak RSS MB", "rows out"],
-                [
-                    [
-                        r.database,
-                        r.method,
-                        f"{r.rows:,}",
-                        f"{r.wall_s:.2f}",
-                        f"{r.rows_per_s:,.0f}",
-                        f"{r.peak_rss_mb:,.0f}",
-                        f"{r.rows_out:,}",
-                    ]
-                    for r in rss
-                ],
-            )
-        )
+        out.append(results_table(rss, "wall s"))
     return "\n".join(out)
 
 

@@ -168,7 +168,8 @@ def eval_loss(args: argparse.Namespace, model: str, dataset: Path, adapter: str)
     import torch
     from peft import PeftModel
 
-    from saige_k8s.training.data import collate, load_dataset_dir, tokenize_all
+    from saige_k8s.training.data import load_dataset_dir, tokenize_all
+    from saige_k8s.training.loop import masked_loss_sums
     from saige_k8s.training.model import load_base_model, load_tokenizer
 
     spec = _spec(args, model)
@@ -177,20 +178,7 @@ def eval_loss(args: argparse.Namespace, model: str, dataset: Path, adapter: str)
     train_tokens = sum(len(e) for e in tokenize_all(tokenizer, data, "train", args.max_seq_len))
     examples = tokenize_all(tokenizer, data, "eval", args.max_seq_len)
     net = PeftModel.from_pretrained(load_base_model(spec, dtype=torch.float32), adapter).eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for start in range(0, len(examples), 8):
-            batch = {
-                k: torch.tensor(v) for k, v in collate(examples[start : start + 8], tokenizer.pad_token_id).items()
-            }
-            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-                )
-            )
-            count += float((labels != -100).sum())
+    total, count = masked_loss_sums(net, examples, tokenizer.pad_token_id, 8, torch.device("cpu")).tolist()
     return total / count, train_tokens
 
 
