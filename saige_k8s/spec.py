@@ -121,6 +121,118 @@ class TrainSpec(_Strict):
     export: bool = False
 
 
+#: A Kubernetes object name (DNS-1123 label).
+DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+#: A Kubernetes resource quantity ("500m", "8Gi", 2).
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")]
+
+
+class SecretRef(_Strict):
+    """One key of a Kubernetes Secret, delivered to the pod as an environment variable."""
+
+    name: DnsLabel
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$")]
+    optional: bool = False
+
+
+class SecretsSpec(_Strict):
+    #: The database URL ($SAIGE_DB_URL in the pod); leave unset when source.url needs no secret.
+    db_url: SecretRef | None = None
+    #: A Hugging Face token ($HF_TOKEN) for gated models.
+    hf_token: SecretRef | None = None
+
+
+class ResourcesSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class PodSpec(_Strict):
+    """Scheduling and limits of one step's pod; the Kubernetes-shaped keys pass through as written."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    #: Kubernetes tolerations, as in a pod spec (camelCase keys).
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    #: A Kubernetes affinity, as in a pod spec (camelCase keys).
+    affinity: dict[str, Any] | None = None
+    runtime_class_name: DnsLabel | None = None
+    priority_class_name: DnsLabel | None = None
+    #: Pod retries for failures other than configuration errors (exit code 2) and evictions.
+    backoff_limit: Annotated[int, Field(ge=0)] = 2
+    active_deadline_seconds: Annotated[int, Field(gt=0)] | None = None
+    #: Extra plain environment variables (never secrets: use kubernetes.secrets).
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+def _pod(cpu: str, memory: str, limit: str, deadline: int) -> PodSpec:
+    return PodSpec(
+        resources=ResourcesSpec(requests={"cpu": cpu, "memory": memory}, limits={"memory": limit}),
+        active_deadline_seconds=deadline,
+    )
+
+
+class TrainPodSpec(PodSpec):
+    #: Size of the in-memory /dev/shm (NCCL and data loader workers need more than the default 64 MB).
+    shm_size: Quantity = "8Gi"
+    #: The extended resource that requests GPUs (train.gpus of them).
+    gpu_resource: str = "nvidia.com/gpu"
+
+
+class ImagesSpec(_Strict):
+    #: Runs collect-free steps without torch: extract, and the controller itself.
+    extract: str = "ghcr.io/saige-k8s/saige-k8s-extract:0.1.0"
+    #: Runs train and export (CUDA, torch, bitsandbytes).
+    train: str = "ghcr.io/saige-k8s/saige-k8s-train:0.1.0"
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    pull_secrets: list[DnsLabel] = Field(default_factory=list)
+
+
+class KubernetesSpec(_Strict):
+    """How the steps run as Jobs; ignored by the local runner."""
+
+    #: Default: the kubeconfig context's namespace, or the pod's own in the cluster.
+    namespace: DnsLabel | None = None
+    images: ImagesSpec = Field(default_factory=ImagesSpec)
+    #: The PersistentVolumeClaim shared by all steps, mounted at data_mount_path.
+    claim_name: DnsLabel = "saige-data"
+    #: Where the volume is mounted in every pod (the steps' data root and working directory).
+    data_mount_path: Annotated[str, Field(pattern=r"^/")] = "/data"
+    secrets: SecretsSpec = Field(default_factory=SecretsSpec)
+    service_account_name: DnsLabel | None = None
+    #: Steps push their metrics here ($SAIGE_PUSHGATEWAY_URL in the pods).
+    pushgateway_url: str | None = None
+    #: Kueue LocalQueue for the Jobs (the kueue.x-k8s.io/queue-name label); Kueue admits them.
+    kueue_queue: DnsLabel | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+    #: Numeric user and group of every container (the images create user 10001).
+    run_as_user: Annotated[int, Field(ge=1)] = 10001
+    extract: PodSpec = Field(default_factory=lambda: _pod("1", "2Gi", "4Gi", 2 * 3600))
+    train: TrainPodSpec = Field(
+        default_factory=lambda: TrainPodSpec(
+            resources=ResourcesSpec(requests={"cpu": "4", "memory": "24Gi"}, limits={"memory": "32Gi"}),
+            active_deadline_seconds=48 * 3600,
+        )
+    )
+    export: PodSpec = Field(default_factory=lambda: _pod("2", "16Gi", "32Gi", 2 * 3600))
+    collect: PodSpec = Field(default_factory=lambda: _pod("1", "1Gi", "2Gi", 6 * 3600))
+
+
+class CollectSpec(_Strict):
+    """An optional first step that gathers new experiences (the seed's trainer.js episodes).
+
+    On Kubernetes it runs ``image`` with ``command``; locally ``command`` runs as a subprocess.
+    """
+
+    image: str
+    command: Annotated[list[str], Field(min_length=1)]
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Environment variables from Secrets (NAME: {name, key}).
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict)
+
+
 class PipelineSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")] = "saige"
     #: The shared volume: datasets/ and runs/ live under it.
@@ -128,6 +240,8 @@ class PipelineSpec(_Strict):
     source: SourceSpec = Field(default_factory=SourceSpec)
     extract: ExtractSpec = Field(default_factory=ExtractSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    collect: CollectSpec | None = None
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
 
 
 def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:
@@ -185,9 +299,11 @@ def _message(error: Any) -> str:
 
 __all__ = [
     "PRESETS",
+    "CollectSpec",
     "DemoSourceSpec",
     "ExtractSpec",
     "FilterSpec",
+    "KubernetesSpec",
     "PipelineSpec",
     "SourceSpec",
     "TrainSpec",
