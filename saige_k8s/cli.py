@@ -450,7 +450,8 @@ _RUN_HELP = "Run id: Jobs are named RUN-STEP, and the dataset RUN [default: NAME
     "--wait/--no-wait",
     default=True,
     show_default=True,
-    help="Wait for each step and start the next; --no-wait creates the first Job and returns.",
+    help="Wait here for each step and start the next; --no-wait starts this controller as a Job in the "
+    "cluster (as kubernetes.controller_service_account) and returns the run id.",
 )
 @click.option("--follow", is_flag=True, help="Stream each step's log while waiting.")
 def submit(
@@ -468,8 +469,8 @@ def submit(
     Exit code: 0 when every step succeeded; 2 when a step failed on its configuration or
     input (or the dataset is below extract.min_examples); 1 for other failures.
     """
+    from saige_k8s.runners import controller
     from saige_k8s.runners.commands import new_run_id
-    from saige_k8s.runners.controller import submit as run_pipeline
     from saige_k8s.runners.jobs import Run
     from saige_k8s.spec import load_spec
 
@@ -478,15 +479,17 @@ def submit(
     run.job_name("extract")  # a name too long is a usage error before anything is sent
     cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster)
     _say(f"run {run.run_id} in namespace {cluster.namespace}")
-    outcome = run_pipeline(cluster, run, _say, wait=wait, follow=follow)
-    if wait:
-        click.echo(
-            f"run {run.run_id} succeeded: dataset {outcome.dataset.get('dataset_id', run.dataset_id)} "
-            f"({outcome.dataset.get('kept', '?')} examples); adapter in {run.run_dir}/adapter "
-            f"on volume {spec.kubernetes.claim_name}"
-        )
-    else:
+    if not wait:
+        job = controller.submit_detached(cluster, run, _say)
+        _say(f"the controller runs in the cluster as Job {job}; follow with: saige-k8s status {run.run_id}")
         click.echo(run.run_id)
+        return
+    outcome = controller.submit(cluster, run, _say, follow=follow)
+    click.echo(
+        f"run {run.run_id} succeeded: dataset {outcome.dataset.get('dataset_id', run.dataset_id)} "
+        f"({outcome.dataset.get('kept', '?')} examples); adapter in {run.run_dir}/adapter "
+        f"on volume {spec.kubernetes.claim_name}"
+    )
 
 
 @cli.command()

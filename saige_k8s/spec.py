@@ -223,7 +223,11 @@ class KubernetesSpec(_Strict):
     #: Where the volume is mounted in every pod (the steps' data root and working directory).
     data_mount_path: Annotated[str, Field(pattern=r"^/")] = "/data"
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)
+    #: The steps' pods' service account (they never call the API; their token is not mounted).
     service_account_name: DnsLabel | None = None
+    #: The service account `submit --no-wait` runs the controller as, in the cluster: it needs the
+    #: Role the Helm chart creates (jobs, pods, pods/log). Default: the chart's, "saige".
+    controller_service_account: DnsLabel = "saige"
     #: Steps push their metrics here ($SAIGE_PUSHGATEWAY_URL in the pods).
     pushgateway_url: str | None = None
     #: Kueue LocalQueue for the Jobs (the kueue.x-k8s.io/queue-name label); Kueue admits them.

@@ -219,3 +219,28 @@ def test_the_pods_spec_omits_unset_values_and_the_kubernetes_block():
     assert "kubernetes" not in document
     assert "url" not in document["source"]
     assert parse_spec(document) == spec.model_copy(update={"kubernetes": spec.kubernetes})
+
+
+def test_the_detached_controller_job_runs_submit_in_the_cluster_with_the_full_spec():
+    from saige_k8s.runners.jobs import construct_controller_job
+
+    spec = load_spec(JOBS_DIR / "tinyllama.yaml")
+    job = to_dict(construct_controller_job(Run(spec, "tinyllama-20261125-130000")))
+    for version in VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    pod = _pod(job)
+    assert job["metadata"]["name"] == "tinyllama-20261125-130000-submit"
+    assert pod["serviceAccountName"] == spec.kubernetes.controller_service_account
+    assert "automountServiceAccountToken" not in pod  # it needs its token to call the API
+    assert pod["containers"][0]["command"] == [
+        "saige-k8s",
+        "submit",
+        "--in-cluster",
+        "-f",
+        "/etc/saige/spec.yaml",
+        "--run",
+        "tinyllama-20261125-130000",
+    ]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    document = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"]["saige.io/spec"])
+    assert parse_spec(document) == spec  # the kubernetes block included: it makes the step Jobs

@@ -20,12 +20,14 @@ from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
 from saige_k8s.runners.commands import check_min_examples
 from saige_k8s.runners.jobs import (
     CONFIG_ERROR_EXIT,
+    CONTROLLER,
     PIPELINE_LABEL,
     RUN_LABEL,
     STEP_LABEL,
     STEPS,
     Run,
     Step,
+    construct_controller_job,
     pipeline_jobs,
 )
 from saige_k8s.runners.kubernetes import Cluster
@@ -52,16 +54,13 @@ class Outcome:
     finished: list[Step] = field(default_factory=list)
 
 
-def submit(cluster: Cluster, run: Run, say: Say, wait: bool = True, follow: bool = False) -> Outcome:
-    """Runs the pipeline's steps in order; without ``wait``, creates the first Job and returns."""
+def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False) -> Outcome:
+    """Runs the pipeline's steps in order, each Job after the previous one succeeded."""
     jobs = dict(zip(run.steps, pipeline_jobs(run), strict=True))  # every Job built before any is sent
     outcome = Outcome(run.run_id, cluster.namespace)
     for step, job in jobs.items():
         job.metadata.namespace = cluster.namespace
         current = _ensure(cluster, run, step, job, say)
-        if not wait:
-            say(f"not waiting: `saige-k8s submit -f SPEC --run {run.run_id}` resumes the run from here")
-            return outcome
         if follow:
             _follow(cluster, current.metadata.name, step, say)
         finished = cluster.wait_job(current.metadata.name, job_finished)
@@ -78,7 +77,14 @@ def submit(cluster: Cluster, run: Run, say: Say, wait: bool = True, follow: bool
     return outcome
 
 
-def _ensure(cluster: Cluster, run: Run, step: Step, job: client.V1Job, say: Say) -> client.V1Job:
+def submit_detached(cluster: Cluster, run: Run, say: Say) -> str:
+    """Starts the controller as a Job in the cluster (the same ``submit``), so nothing waits here."""
+    job = construct_controller_job(run)
+    job.metadata.namespace = cluster.namespace
+    return _ensure(cluster, run, CONTROLLER, job, say).metadata.name
+
+
+def _ensure(cluster: Cluster, run: Run, step: str, job: client.V1Job, say: Say) -> client.V1Job:
     created = cluster.create_job(job)
     if created is not None:
         say(f"{step}: created Job {job.metadata.name}")
@@ -204,7 +210,7 @@ def status(cluster: Cluster, run_id: str | None = None) -> list[StepStatus]:
                 finished=finished.isoformat(timespec="seconds") if finished else "",
             )
         )
-    order = {step: i for i, step in enumerate(STEPS)}
+    order = {step: i for i, step in enumerate((CONTROLLER, *STEPS))}
     return sorted(rows, key=lambda row: (row.run_id, order.get(row.step, len(order))))
 
 

@@ -30,6 +30,8 @@ from saige_k8s.spec import KubernetesSpec, PipelineSpec, PodSpec, SecretRef, Tra
 
 Step = Literal["collect", "extract", "train", "export"]
 STEPS: tuple[Step, ...] = ("collect", "extract", "train", "export")
+#: The step label and Job name suffix of the in-cluster controller (``submit --no-wait``).
+CONTROLLER = "submit"
 
 MAX_NAME = 63
 SPEC_DIR = "/etc/saige"
@@ -68,7 +70,7 @@ class Run:
         return f"{self.spec.kubernetes.data_mount_path.rstrip('/')}/runs/{self.run_id}"
 
 
-def job_name(run_id: str, step: Step) -> str:
+def job_name(run_id: str, step: str) -> str:
     name = f"{run_id}-{step}"
     if len(name) > MAX_NAME:
         raise ConfigError(f"Job name {name!r} is longer than {MAX_NAME} characters: use a shorter run id or spec name")
@@ -94,19 +96,12 @@ def construct_step_job(run: Run, step: Step) -> client.V1Job:
         containers=[container],
         init_containers=init_containers,
         volumes=volumes,
-        security_context=client.V1PodSecurityContext(
-            run_as_non_root=True,
-            run_as_user=kube.run_as_user,
-            run_as_group=kube.run_as_user,
-            fs_group=kube.run_as_user,
-            fs_group_change_policy="OnRootMismatch",
-            seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault"),
-        ),
+        security_context=_pod_security(kube),
         # Steps never call the Kubernetes API: no token in the pod.
         automount_service_account_token=False,
         enable_service_links=False,
         service_account_name=kube.service_account_name,
-        image_pull_secrets=[client.V1LocalObjectReference(name=name) for name in kube.images.pull_secrets] or None,
+        image_pull_secrets=_pull_secrets(kube),
         node_selector=dict(pod.node_selector) or None,
         tolerations=_tolerations(pod, step),
         affinity=_typed(pod.affinity, "V1Affinity", f"kubernetes.{step}.affinity") if pod.affinity else None,
@@ -121,23 +116,7 @@ def construct_step_job(run: Run, step: Step) -> client.V1Job:
             backoff_limit=pod.backoff_limit,
             active_deadline_seconds=pod.active_deadline_seconds,
             ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=client.V1PodFailurePolicy(
-                rules=[
-                    client.V1PodFailurePolicyRule(
-                        action="FailJob",
-                        on_exit_codes=client.V1PodFailurePolicyOnExitCodesRequirement(
-                            container_name=step, operator="In", values=[CONFIG_ERROR_EXIT]
-                        ),
-                    ),
-                    # Preemption, eviction, node drain: not the step's fault, not a retry spent.
-                    client.V1PodFailurePolicyRule(
-                        action="Ignore",
-                        on_pod_conditions=[
-                            client.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
-                        ],
-                    ),
-                ]
-            ),
+            pod_failure_policy=_failure_policy(step),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=labels, annotations={SPEC_ANNOTATION: spec_document(spec)}),
                 spec=pod_spec,
@@ -177,12 +156,64 @@ def _tolerations(pod: PodSpec, step: Step) -> list[client.V1Toleration] | None:
     return [_typed(item, "V1Toleration", f"{where}[{i}]") for i, item in enumerate(pod.tolerations)] or None
 
 
-def spec_document(spec: PipelineSpec) -> str:
+def construct_controller_job(run: Run) -> client.V1Job:
+    """``submit --no-wait``: the controller itself runs in the cluster, so the laptop can go.
+
+    It is the same ``submit`` the Helm chart's CronJob runs; retried pods resume the run (the
+    step Jobs are found by name), so a drained node costs nothing.
+    """
+    check_secret_free(run.spec)
+    kube = run.spec.kubernetes
+    labels = {**_labels(run, "extract"), "app.kubernetes.io/component": "controller", STEP_LABEL: CONTROLLER}
+    deadline = sum(getattr(kube, step).active_deadline_seconds or 0 for step in run.steps) + 3600
+    container = client.V1Container(
+        name=CONTROLLER,
+        image=kube.images.extract,
+        image_pull_policy=kube.images.pull_policy,
+        command=[*Programs.image().cli, "submit", "--in-cluster", "-f", f"{SPEC_DIR}/{SPEC_FILE}", "--run", run.run_id],
+        resources=client.V1ResourceRequirements(requests={"cpu": "50m", "memory": "128Mi"}, limits={"memory": "512Mi"}),
+        volume_mounts=[
+            client.V1VolumeMount(name="tmp", mount_path="/tmp"),
+            client.V1VolumeMount(name="spec", mount_path=SPEC_DIR, read_only=True),
+        ],
+        security_context=_container_security(kube),
+        termination_message_policy="FallbackToLogsOnError",
+    )
+    return client.V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=client.V1ObjectMeta(name=job_name(run.run_id, CONTROLLER), namespace=kube.namespace, labels=labels),
+        spec=client.V1JobSpec(
+            backoff_limit=2,
+            active_deadline_seconds=deadline,
+            ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
+            pod_failure_policy=_failure_policy(CONTROLLER),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(
+                    labels=labels, annotations={SPEC_ANNOTATION: spec_document(run.spec, with_kubernetes=True)}
+                ),
+                spec=client.V1PodSpec(
+                    restart_policy="Never",
+                    containers=[container],
+                    volumes=[v for v in _volumes(run, "extract", kube.extract) if v.name != "data"],
+                    security_context=_pod_security(kube),
+                    service_account_name=kube.controller_service_account,
+                    enable_service_links=False,
+                    image_pull_secrets=_pull_secrets(kube),
+                ),
+            ),
+        ),
+    )
+
+
+def spec_document(spec: PipelineSpec, with_kubernetes: bool = False) -> str:
     """The spec as the pods read it: every set value spelled out, so a pod never relies on its image's defaults.
 
-    The ``kubernetes`` block stays out: it is how the pods were made, not what they do.
+    The ``kubernetes`` block stays out of the steps' copy (how the pods were made, not what they
+    do); the controller's copy keeps it, since it makes the pods.
     """
-    values = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"kubernetes"})
+    exclude = None if with_kubernetes else {"kubernetes"}
+    values = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
     return yaml.safe_dump(values, sort_keys=False)
 
 
@@ -309,6 +340,40 @@ def _resources(pod: PodSpec) -> client.V1ResourceRequirements:
     return client.V1ResourceRequirements(
         requests=dict(pod.resources.requests) or None, limits=dict(pod.resources.limits) or None
     )
+
+
+def _failure_policy(container: str) -> client.V1PodFailurePolicy:
+    disrupted = client.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
+    return client.V1PodFailurePolicy(
+        rules=[
+            client.V1PodFailurePolicyRule(
+                action="FailJob",
+                on_exit_codes=client.V1PodFailurePolicyOnExitCodesRequirement(
+                    container_name=container, operator="In", values=[CONFIG_ERROR_EXIT]
+                ),
+            ),
+            # Preemption, eviction, node drain: not the step's fault, not a retry spent.
+            client.V1PodFailurePolicyRule(
+                action="Ignore",
+                on_pod_conditions=[disrupted],
+            ),
+        ]
+    )
+
+
+def _pod_security(kube: KubernetesSpec) -> client.V1PodSecurityContext:
+    return client.V1PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=kube.run_as_user,
+        run_as_group=kube.run_as_user,
+        fs_group=kube.run_as_user,
+        fs_group_change_policy="OnRootMismatch",
+        seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def _pull_secrets(kube: KubernetesSpec) -> list[client.V1LocalObjectReference] | None:
+    return [client.V1LocalObjectReference(name=name) for name in kube.images.pull_secrets] or None
 
 
 def _container_security(kube: KubernetesSpec) -> client.V1SecurityContext:
