@@ -294,3 +294,41 @@ def test_cli_errors_without_a_kubeconfig_and_for_an_unknown_run(kube, tmp_path):
     unknown = run_cli("logs", "nope-1", env=env)
     assert unknown.exit_code == 2
     assert "no run 'nope-1' in namespace default" in unknown.stderr
+
+
+def test_a_step_stuck_pending_is_reported_with_the_schedulers_reason(kube, monkeypatch):
+    from saige_k8s.runners import kubernetes as api
+
+    monkeypatch.setattr(api, "WATCH_SECONDS", 1)
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{RUN}-extract-abcde",
+                "namespace": NS,
+                "labels": {"batch.kubernetes.io/job-name": f"{RUN}-extract"},
+            },
+            "spec": {"containers": [{"name": "extract", "image": "img"}]},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    }
+                ],
+            },
+        }
+    )
+    reported = (
+        f"pod {RUN}-extract-abcde Pending: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    )
+    assert wait_for(lambda: any(reported in m for m in submission.messages), 10), submission.messages
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=7))
+    submission.join()

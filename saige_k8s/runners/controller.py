@@ -63,7 +63,8 @@ def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False) -> Outcom
         current = _ensure(cluster, run, step, job, say)
         if follow:
             _follow(cluster, current.metadata.name, step, say)
-        finished = cluster.wait_job(current.metadata.name, job_finished)
+        name = current.metadata.name
+        finished = cluster.wait_job(name, job_finished, idle=lambda n=name, s=step: _still(cluster, n, s, say))
         _raise_if_failed(cluster, step, finished)
         say(f"{step}: succeeded")
         outcome.finished.append(step)
@@ -99,6 +100,26 @@ def _ensure(cluster: Cluster, run: Run, step: str, job: client.V1Job, say: Say) 
         )
     say(f"{step}: Job {job.metadata.name} exists already; following it")
     return existing
+
+
+def _still(cluster: Cluster, job_name: str, step: str, say: Say) -> None:
+    """A line every few minutes while a step waits, with why its pod is not running if it is not."""
+    pods = cluster.job_pods(job_name)
+    say(f"{step}: still waiting for Job {job_name} ({pod_report(pods[-1]) if pods else 'no pod yet'})")
+
+
+def pod_report(pod: client.V1Pod) -> str:
+    """The phase, and the scheduler's or kubelet's reason when a pod is stuck (no GPU, image pull...)."""
+    status = pod.status
+    phase = (status.phase if status else None) or "Pending"
+    for condition in (status.conditions or []) if status else []:
+        if condition.type == "PodScheduled" and condition.status == "False":
+            return f"pod {pod.metadata.name} {phase}: {condition.reason}: {condition.message or ''}".rstrip(": ")
+    for container in (status.container_statuses or []) if status else []:
+        waiting = container.state.waiting if container.state else None
+        if waiting is not None and waiting.reason not in (None, "ContainerCreating"):
+            return f"pod {pod.metadata.name} {phase}: {waiting.reason}: {waiting.message or ''}".rstrip(": ")
+    return f"pod {pod.metadata.name} {phase}"
 
 
 def job_finished(job: client.V1Job) -> bool:

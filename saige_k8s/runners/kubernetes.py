@@ -101,10 +101,19 @@ class Cluster:
             return False
         return True
 
-    def wait_job(self, name: str, done: Callable[[client.V1Job], bool]) -> client.V1Job:
-        """Blocks until ``done(job)``: list, then watch from the list's version; re-list on 410 or a closed stream."""
+    def wait_job(
+        self, name: str, done: Callable[[client.V1Job], bool], idle: Callable[[], None] | None = None
+    ) -> client.V1Job:
+        """Blocks until ``done(job)``: list, then watch from the list's version; re-list on 410 or a closed stream.
+
+        ``idle`` is called each time a watch ends with nothing decided (every few minutes).
+        """
         selector = f"metadata.name={name}"
+        listed_before = False
         while True:
+            if listed_before and idle is not None:
+                idle()
+            listed_before = True
             listed = self._call(
                 "list", "jobs", lambda: self.batch.list_namespaced_job(self.namespace, field_selector=selector)
             )
