@@ -366,7 +366,14 @@ def test_the_helm_test_pod_renders_the_installed_spec(rendered):
     pod = one(rendered["default"], "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = pod["spec"]["containers"][0]
-    assert container["command"] + container["args"] == ["saige-k8s", "render", "-f", "/etc/saige/pipeline.yaml", "-o", "yaml"]
+    assert container["command"] + container["args"] == [
+        "saige-k8s",
+        "render",
+        "-f",
+        "/etc/saige/pipeline.yaml",
+        "-o",
+        "yaml",
+    ]
     assert container["image"].startswith("ghcr.io/saige-k8s/saige-k8s-extract:")
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert by_kind(rendered["existing-pvc"], "Pod") == []  # tests.enabled: false
@@ -405,7 +412,15 @@ def test_a_planted_database_url_appears_only_base64_in_a_secret():
     assert all(encoded not in json.dumps(o) for o in objects if o["kind"] != "Secret")
     # --dry-run output hides it too with --hide-secret.
     hidden = helm(
-        "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", "--hide-secret", "--set", f"database.url={url}"
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--dry-run=client",
+        "--hide-secret",
+        "--set",
+        f"database.url={url}",
     ).stdout
     assert PLANTED not in hidden and encoded not in hidden
 
@@ -431,7 +446,13 @@ def test_a_passwordless_source_url_passes_through():
 
 def test_database_url_and_existing_secret_are_exclusive():
     result = helm(
-        "template", RELEASE, str(CHART), "--set", "database.url=sqlite:///x.db", "--set", "database.existingSecret=db",
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "database.url=sqlite:///x.db",
+        "--set",
+        "database.existingSecret=db",
         check=False,
     )
     assert result.returncode != 0
@@ -463,7 +484,11 @@ def test_rbac_is_exactly_what_the_controller_uses(rendered):
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
     binding = one(objects, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     account = one(objects, "ServiceAccount")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
@@ -497,7 +522,13 @@ def test_monitoring_objects(rendered):
     assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus-pushgateway"}}
     assert spec["namespaceSelector"] == {"matchNames": ["monitoring"]}
     (endpoint,) = spec["endpoints"]
-    assert endpoint == {"port": "http", "path": "/metrics", "interval": "60s", "scrapeTimeout": "10s", "honorLabels": True}
+    assert endpoint == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "60s",
+        "scrapeTimeout": "10s",
+        "honorLabels": True,
+    }
 
     rule = one(objects, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
@@ -536,7 +567,9 @@ def test_alert_thresholds_come_from_values():
         "--set",
         "pipeline.name=nightly",
     )
-    rules = {r["alert"] + r["expr"][:5]: r for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    rules = {
+        r["alert"] + r["expr"][:5]: r for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+    }
     exprs = "\n".join(r["expr"] for r in rules.values())
     assert "> 30 * 3600" in exprs
     assert "offset 14d > 0.02" in exprs
@@ -561,7 +594,9 @@ def test_one_dashboard_configmap_per_file(rendered):
         assert config_map["metadata"]["namespace"] == "monitoring"
         assert config_map["metadata"]["annotations"] == {"grafana_folder": "SAIGE"}
         assert json.loads(config_map["data"][path.name]) == json.loads(path.read_text())
-    custom = template("--set", "dashboards.enabled=true", "--set", "dashboards.label=my_dash", "--set", "dashboards.labelValue=yes")
+    custom = template(
+        "--set", "dashboards.enabled=true", "--set", "dashboards.label=my_dash", "--set", "dashboards.labelValue=yes"
+    )
     (config_map,) = [c for c in by_kind(custom, "ConfigMap") if "my_dash" in c["metadata"]["labels"]]
     assert config_map["metadata"]["labels"]["my_dash"] == "yes"
 
@@ -662,4 +697,3 @@ def test_the_readme_example_values_render(tmp_path):
     spec = parse_spec(pipeline_of(objects))
     assert spec.train.gpus >= 1 and spec.kubernetes.train.tolerations
     helm("lint", "--strict", str(CHART), "-f", str(path))
-
