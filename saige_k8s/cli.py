@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from saige_k8s import __version__
-from saige_k8s.errors import SaigeError
+from saige_k8s.errors import InputError, SaigeError
 from saige_k8s.experiences.filters import PRESETS
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 from saige_k8s.lifecycle import install_sigterm_handler
@@ -87,10 +87,16 @@ def cli(verbose: int, quiet: bool) -> None:
     show_default=True,
     help="Median response length; lengths are log-normal up to 6 KB.",
 )
-def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: int) -> None:
+@click.option(
+    "--if-missing", is_flag=True, help="Do nothing when --out is an existing file (how demo pipelines create it once)."
+)
+def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: int, if_missing: bool) -> None:
     """Create a synthetic SAIGE experience database (realistic scores, a few broken rows)."""
     from saige_k8s.experiences.demo import DemoOptions, create_database
 
+    if if_missing and "://" not in out and Path(out).expanduser().is_file():
+        click.echo(f"{out} exists; left as it is")
+        return
     count = create_database(out, DemoOptions(rows=rows, seed=seed, response_median_bytes=response_median_bytes), table)
     click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
 
@@ -160,6 +166,16 @@ def _threshold_options(func):  # noqa: ANN001 - a click decorator
     "written into the dataset directory.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
+@click.option(
+    "--summary-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the JSON summary to this file (a pod's /dev/termination-log, read by the controller).",
+)
+@click.option(
+    "--reuse-existing",
+    is_flag=True,
+    help="If --dataset-id names a complete dataset, report it instead of failing (a retried pod's rerun).",
+)
 def extract(
     spec_path: Path | None,
     db: str | None,
@@ -173,6 +189,8 @@ def extract(
     strict: bool | None,
     pushgateway: str | None,
     as_json: bool,
+    summary_file: Path | None,
+    reuse_existing: bool,
     **thresholds: Any,
 ) -> None:
     """Curate high-quality experiences into a versioned SFT dataset (Parquet + manifest).
@@ -182,7 +200,7 @@ def extract(
     DATA_ROOT/datasets/ID atomically (LATEST points at it). Rows that cannot be used are
     counted per reason, and every filter's removals are reported.
     """
-    from saige_k8s.dataset.extract import ExtractRequest
+    from saige_k8s.dataset.extract import ExtractRequest, existing_dataset
     from saige_k8s.dataset.extract import extract as run_extract
     from saige_k8s.dataset.report import format_report
     from saige_k8s.spec import PipelineSpec, load_spec
@@ -204,16 +222,30 @@ def extract(
         strict=spec.extract.strict if strict is None else strict,
         progress=True,
     )
-    result = run_extract(request)
-    from saige_k8s import metrics
+    existing = existing_dataset(request.data_root, dataset_id) if reuse_existing and dataset_id else None
+    if existing is not None:
+        result = existing
+        log.info("dataset %s already published; reporting it", dataset_id)
+    else:
+        result = run_extract(request)
+        from saige_k8s import metrics
 
-    registry = metrics.extraction_registry(result.manifest)
-    metrics.write_textfile(registry, result.path)
-    metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
+        registry = metrics.extraction_registry(result.manifest)
+        metrics.write_textfile(registry, result.path)
+        metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
+    if summary_file is not None:
+        _write_summary(summary_file, result.summary)
     if as_json:
         click.echo(json.dumps(result.summary))
     else:
         click.echo(format_report(result.manifest, result.path, csv_path))
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(summary) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the summary to {path}: {exc.strerror}") from None
 
 
 def _train_options(func):  # noqa: ANN001 - a click decorator
@@ -382,6 +414,158 @@ def run(spec_path: Path, data_root: Path | None) -> None:
         f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}; adapter in "
         f"{result.run_dir / 'adapter'}"
     )
+
+
+def _cluster_options(func):  # noqa: ANN001 - a click decorator
+    """Where the controller commands find the cluster; the same three flags on each."""
+    func = click.option(
+        "--in-cluster", is_flag=True, help="Use the pod's service account (the Helm chart's CronJob does)."
+    )(func)
+    func = click.option("--context", help="kubeconfig context [default: the current one].")(func)
+    return click.option(
+        "-n",
+        "--namespace",
+        help="Namespace [default: the spec's kubernetes.namespace, else the context's or the pod's].",
+    )(func)
+
+
+def _connect(namespace: str | None, context: str | None, in_cluster: bool):
+    from saige_k8s.runners.kubernetes import Cluster
+
+    return Cluster.connect(context=context, in_cluster=in_cluster, namespace=namespace)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+_RUN_HELP = "Run id: Jobs are named RUN-STEP, and the dataset RUN [default: NAME-YYYYMMDD-HHMMSS]."
+
+
+@cli.command()
+@_spec_option("Pipeline spec (YAML) whose kubernetes: block says how the Jobs run.", required=True)
+@_cluster_options
+@click.option("--run", "run_id", help=_RUN_HELP + " Submitting an existing run resumes it; no Job is duplicated.")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait here for each step and start the next; --no-wait starts this controller as a Job in the "
+    "cluster (as kubernetes.controller_service_account) and returns the run id.",
+)
+@click.option("--follow", is_flag=True, help="Stream each step's log while waiting.")
+def submit(
+    spec_path: Path,
+    namespace: str | None,
+    context: str | None,
+    in_cluster: bool,
+    run_id: str | None,
+    wait: bool,
+    follow: bool,
+) -> None:
+    """Run the pipeline as Kubernetes Jobs: extract, check the dataset, train (then export).
+
+    \b
+    Exit code: 0 when every step succeeded; 2 when a step failed on its configuration or
+    input (or the dataset is below extract.min_examples); 1 for other failures.
+    """
+    from saige_k8s.runners import controller
+    from saige_k8s.runners.commands import new_run_id
+    from saige_k8s.runners.jobs import Run
+    from saige_k8s.spec import load_spec
+
+    spec = load_spec(spec_path)
+    run = Run(spec, run_id or new_run_id(spec.name))
+    run.job_name("extract")  # a name too long is a usage error before anything is sent
+    cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster)
+    _say(f"run {run.run_id} in namespace {cluster.namespace}")
+    if not wait:
+        job = controller.submit_detached(cluster, run, _say)
+        _say(f"the controller runs in the cluster as Job {job}; follow with: saige-k8s status {run.run_id}")
+        click.echo(run.run_id)
+        return
+    outcome = controller.submit(cluster, run, _say, follow=follow)
+    click.echo(
+        f"run {run.run_id} succeeded: dataset {outcome.dataset.get('dataset_id', run.dataset_id)} "
+        f"({outcome.dataset.get('kept', '?')} examples); adapter in {run.run_dir}/adapter "
+        f"on volume {spec.kubernetes.claim_name}"
+    )
+
+
+@cli.command()
+@click.argument("run_id", metavar="[RUN]", required=False)
+@_cluster_options
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status(run_id: str | None, namespace: str | None, context: str | None, in_cluster: bool, fmt: str) -> None:
+    """Show the runs in the namespace (or one RUN) and the state of each step."""
+    from dataclasses import asdict
+
+    from saige_k8s.runners.controller import status as run_status
+
+    rows = run_status(_connect(namespace, context, in_cluster), run_id)
+    if fmt == "json":
+        click.echo(json.dumps([asdict(row) for row in rows]))
+        return
+    if not rows:
+        _say("no saige-k8s runs in this namespace" if run_id is None else f"no run {run_id!r} in this namespace")
+        return
+    header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
+    table = [header, *[(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@_cluster_options
+@click.option("--step", type=click.Choice(["collect", "extract", "train", "export"]), help="[default: the latest]")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step's container ends.")
+def logs(
+    run_id: str, namespace: str | None, context: str | None, in_cluster: bool, step: str | None, follow: bool
+) -> None:
+    """Print the log of a run's step (its newest pod)."""
+    from saige_k8s.runners.controller import logs as run_logs
+
+    pod, lines = run_logs(_connect(namespace, context, in_cluster), run_id, step, follow)  # type: ignore[arg-type]
+    _say(f"pod {pod}:")
+    for line in lines:
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@_cluster_options
+def cancel(run_id: str, namespace: str | None, context: str | None, in_cluster: bool) -> None:
+    """Stop a run: delete its Jobs and their pods (the datasets and checkpoints on the volume stay)."""
+    from saige_k8s.runners.controller import cancel as cancel_run
+
+    for name in cancel_run(_connect(namespace, context, in_cluster), run_id):
+        click.echo(f"deleted Job {name}")
+
+
+@cli.command()
+@_spec_option("Pipeline spec (YAML).", required=True)
+@click.option("--run", "run_id", help=_RUN_HELP)
+@click.option("-n", "--namespace", help="Set metadata.namespace [default: the spec's kubernetes.namespace].")
+@click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str) -> None:
+    """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works)."""
+    import yaml
+
+    from saige_k8s.runners.commands import new_run_id
+    from saige_k8s.runners.jobs import Run, pipeline_jobs, to_dict
+    from saige_k8s.spec import load_spec
+
+    spec = load_spec(spec_path)
+    jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))]
+    for job in jobs:
+        if namespace:
+            job["metadata"]["namespace"] = namespace
+    if fmt == "json":
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": jobs}, indent=2))
+    else:
+        click.echo(yaml.safe_dump_all(jobs, sort_keys=False), nl=False)
 
 
 @cli.command()

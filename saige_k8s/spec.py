@@ -167,11 +167,33 @@ class PodSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-def _pod(cpu: str, memory: str, limit: str, deadline: int) -> PodSpec:
-    return PodSpec(
-        resources=ResourcesSpec(requests={"cpu": cpu, "memory": memory}, limits={"memory": limit}),
-        active_deadline_seconds=deadline,
-    )
+#: Each step's pod defaults; a spec's own values are merged over them key by key (as Helm merges values).
+STEP_POD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "collect": {
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "active_deadline_seconds": 6 * 3600,
+    },
+    "extract": {
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        "active_deadline_seconds": 2 * 3600,
+    },
+    "train": {
+        "resources": {"requests": {"cpu": "4", "memory": "24Gi"}, "limits": {"memory": "32Gi"}},
+        "active_deadline_seconds": 48 * 3600,
+    },
+    "export": {
+        "resources": {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi"}},
+        "active_deadline_seconds": 2 * 3600,
+    },
+}
+
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in given.items():
+        base = merged.get(key)
+        merged[key] = _merged(base, value) if isinstance(base, dict) and isinstance(value, dict) else value
+    return merged
 
 
 class TrainPodSpec(PodSpec):
@@ -201,7 +223,11 @@ class KubernetesSpec(_Strict):
     #: Where the volume is mounted in every pod (the steps' data root and working directory).
     data_mount_path: Annotated[str, Field(pattern=r"^/")] = "/data"
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)
+    #: The steps' pods' service account (they never call the API; their token is not mounted).
     service_account_name: DnsLabel | None = None
+    #: The service account `submit --no-wait` runs the controller as, in the cluster: it needs the
+    #: Role the Helm chart creates (jobs, pods, pods/log). Default: the chart's, "saige".
+    controller_service_account: DnsLabel = "saige"
     #: Steps push their metrics here ($SAIGE_PUSHGATEWAY_URL in the pods).
     pushgateway_url: str | None = None
     #: Kueue LocalQueue for the Jobs (the kueue.x-k8s.io/queue-name label); Kueue admits them.
@@ -209,15 +235,23 @@ class KubernetesSpec(_Strict):
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
     #: Numeric user and group of every container (the images create user 10001).
     run_as_user: Annotated[int, Field(ge=1)] = 10001
-    extract: PodSpec = Field(default_factory=lambda: _pod("1", "2Gi", "4Gi", 2 * 3600))
-    train: TrainPodSpec = Field(
-        default_factory=lambda: TrainPodSpec(
-            resources=ResourcesSpec(requests={"cpu": "4", "memory": "24Gi"}, limits={"memory": "32Gi"}),
-            active_deadline_seconds=48 * 3600,
-        )
-    )
-    export: PodSpec = Field(default_factory=lambda: _pod("2", "16Gi", "32Gi", 2 * 3600))
-    collect: PodSpec = Field(default_factory=lambda: _pod("1", "1Gi", "2Gi", 6 * 3600))
+    extract: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["extract"]))
+    train: TrainPodSpec = Field(default_factory=lambda: TrainPodSpec(**STEP_POD_DEFAULTS["train"]))
+    export: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["export"]))
+    collect: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["collect"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _step_defaults(cls, data: Any) -> Any:
+        """A step block that sets only tolerations keeps the step's default resources and deadline."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: _merged(STEP_POD_DEFAULTS[key], value)
+            if key in STEP_POD_DEFAULTS and isinstance(value, dict)
+            else value
+            for key, value in data.items()
+        }
 
 
 class CollectSpec(_Strict):
@@ -234,7 +268,8 @@ class CollectSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
-    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")] = "saige"
+    #: At most 39 characters, so that NAME-YYYYMMDD-HHMMSS-extract fits Kubernetes' 63.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,37}[a-z0-9])?$")] = "saige"
     #: The shared volume: datasets/ and runs/ live under it.
     data_root: str = "./saige-data"
     source: SourceSpec = Field(default_factory=SourceSpec)

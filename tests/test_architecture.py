@@ -24,3 +24,23 @@ def test_extract_side_imports_no_torch() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_api_module_talks_to_the_cluster() -> None:
+    """Builders make typed models; controller and CLI go through runners/kubernetes.py (one error policy)."""
+    import ast
+
+    api_names = {"BatchV1Api", "CoreV1Api", "Watch", "load_kube_config", "load_incluster_config", "ApiException"}
+    offenders = []
+    for path in sorted((ROOT / "saige_k8s").rglob("*.py")):
+        if path.name == "kubernetes.py" and path.parent.name == "runners":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            imported = isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                ("kubernetes.config", "kubernetes.watch")
+            )
+            if name in api_names or imported:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 def test_help_explains_every_command() -> None:
     result = run_cli("--help")
     assert result.exit_code == 0
-    for command in ("demo-db", "extract"):
+    for command in ("demo-db", "extract", "train", "run", "submit", "status", "logs", "cancel", "render"):
         assert command in result.stdout
     extract_help = run_cli("extract", "--help").stdout
     for flag in (
@@ -91,3 +91,31 @@ def test_demo_db_is_realistic(tmp_path: Path) -> None:
 def test_demo_db_bad_target(tmp_path: Path) -> None:
     result = run_cli("demo-db", "--out", tmp_path / "missing-dir" / "x.db")
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_a_pod_rerun_reports_the_published_dataset_and_leaves_a_summary(tmp_path: Path, demo_sqlite: str) -> None:
+    """What a retried extract pod does: same dataset id, no failure, the summary in its termination log."""
+    root, summary = tmp_path / "root", tmp_path / "termination-log"
+    args = ("extract", "--db", demo_sqlite, "--data-root", root, "--dataset-id", "run-1", "--json")
+    first = run_cli(*args, "--summary-file", summary)
+    assert first.exit_code == 0, first.stderr
+    written = json.loads(summary.read_text())
+    assert written == json.loads(first.stdout.strip().splitlines()[-1])
+    assert written["dataset_id"] == "run-1" and written["kept"] > 0
+    summary.unlink()
+    again = run_cli(*args, "--reuse-existing", "--summary-file", summary)
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(summary.read_text()) == written
+    refused = run_cli(*args)
+    assert refused.exit_code == 2
+    assert "already exists" in refused.stderr
+
+
+def test_demo_db_if_missing_keeps_an_existing_database(tmp_path: Path) -> None:
+    target = tmp_path / "demo.db"
+    assert run_cli("demo-db", "--out", target, "--rows", "20", "--if-missing").exit_code == 0
+    before = hashlib.sha256(target.read_bytes()).hexdigest()
+    result = run_cli("demo-db", "--out", target, "--rows", "50", "--seed", "3", "--if-missing")
+    assert result.exit_code == 0
+    assert "left as it is" in result.stdout
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == before

@@ -8,6 +8,7 @@ scores, renders, deduplicates, splits and writes them while the database keeps r
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sys
 import time
@@ -32,7 +33,7 @@ from saige_k8s.dataset.curate import (
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.stats import DatasetStats
-from saige_k8s.dataset.writer import DatasetWriter, new_dataset_id
+from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import CANDIDATE, Judgement, funnel_query, rows_query
@@ -75,6 +76,18 @@ class ExtractResult:
             "dataset_id": self.manifest["dataset_id"],
             **{k: counts[k] for k in ("scanned", "kept", "train", "eval")},
         }
+
+
+def existing_dataset(data_root: Path, dataset_id: str) -> ExtractResult | None:
+    """The published dataset of that id, if any: a retried extract pod reports it instead of failing."""
+    path = data_root / DATASETS / check_dataset_id(dataset_id)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"dataset {dataset_id} exists but its {MANIFEST} cannot be read: {exc}") from None
+    return ExtractResult(path, manifest)
 
 
 def extract(request: ExtractRequest) -> ExtractResult:

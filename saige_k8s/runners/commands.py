@@ -7,9 +7,13 @@ interpreter locally, the image's ``saige-k8s`` / ``torchrun`` in a pod).
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from saige_k8s.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,35 @@ class Programs:
         return cls(("saige-k8s",), ("torchrun",))
 
 
+def new_run_id(name: str, now: dt.datetime | None = None) -> str:
+    """NAME-YYYYMMDD-HHMMSS (UTC): also the run's dataset id and its Jobs' name prefix."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{name}-{now:%Y%m%d-%H%M%S}"
+
+
+def check_min_examples(summary: dict[str, Any], min_examples: int) -> None:
+    """Training on too few examples wastes GPU time and teaches little: both runners stop here."""
+    if summary["kept"] < min_examples:
+        raise InputError(
+            f"dataset {summary['dataset_id']} has {summary['kept']} examples, below extract.min_examples "
+            f"({min_examples}); not training (collect more experiences or relax the filters)"
+        )
+
+
 def demo_db_command(programs: Programs, target: str, rows: int, seed: int) -> list[str]:
     return [*programs.cli, "demo-db", "--out", target, "--rows", str(rows), "--seed", str(seed)]
 
 
-def extract_command(programs: Programs, spec_path: str, data_root: str, dataset_id: str) -> list[str]:
-    """Prints a one-line JSON summary on stdout (dataset id and counts)."""
-    return [*programs.cli, "extract", "-f", spec_path, "--data-root", data_root, "--dataset-id", dataset_id, "--json"]
+def extract_command(
+    programs: Programs, spec_path: str, data_root: str, dataset_id: str, summary_file: str | None = None
+) -> list[str]:
+    """Prints a one-line JSON summary (dataset id and counts) on stdout, and into ``summary_file``.
+
+    A rerun of the same run finds its dataset published and reports it (``--reuse-existing``).
+    """
+    command = [*programs.cli, "extract", "-f", spec_path, "--data-root", data_root, "--dataset-id", dataset_id]
+    command += ["--reuse-existing", "--json"]
+    return [*command, "--summary-file", summary_file] if summary_file else command
 
 
 def train_command(

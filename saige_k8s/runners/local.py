@@ -6,7 +6,6 @@ hand over through the data root only, plus the extract step's one-line JSON summ
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import subprocess
@@ -14,8 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
-from saige_k8s.runners.commands import Programs, demo_db_command, export_command, extract_command, train_command
+from saige_k8s.errors import RuntimeFailure, SaigeError
+from saige_k8s.runners.commands import (
+    Programs,
+    check_min_examples,
+    demo_db_command,
+    export_command,
+    extract_command,
+    new_run_id,
+    train_command,
+)
 from saige_k8s.spec import PipelineSpec
 from saige_k8s.training.devices import local_gpus
 
@@ -38,11 +45,6 @@ class LocalRun:
     metrics: dict[str, Any]
 
 
-def new_run_id(name: str, now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{name}-{now:%Y%m%d-%H%M%S}"
-
-
 def run_local(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str | None = None) -> LocalRun:
     programs = Programs.local()
     run_id = run_id or new_run_id(spec.name)
@@ -57,11 +59,7 @@ def run_local(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str 
         .strip()
         .splitlines()[-1]
     )
-    if summary["kept"] < spec.extract.min_examples:
-        raise InputError(
-            f"dataset {summary['dataset_id']} has {summary['kept']} examples, below extract.min_examples "
-            f"({spec.extract.min_examples}); not training (collect more experiences or relax the filters)"
-        )
+    check_min_examples(summary, spec.extract.min_examples)
     run_dir = data_root / "runs" / run_id
     processes = _local_processes(spec.train.gpus)
     _step(

@@ -1,0 +1,238 @@
+"""The pipeline on Kubernetes: create each step's Job, wait for it, hand over to the next.
+
+Jobs are named after the run, so submitting a run again adopts the Jobs it already has
+instead of creating duplicates, and picks up where it stopped (a laptop that went to sleep,
+a controller pod that was rescheduled). The extract step reports its dataset through its
+pod's termination message; the controller checks it before it spends GPU time on training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+
+from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
+from saige_k8s.runners.commands import check_min_examples
+from saige_k8s.runners.jobs import (
+    CONFIG_ERROR_EXIT,
+    CONTROLLER,
+    PIPELINE_LABEL,
+    RUN_LABEL,
+    STEP_LABEL,
+    STEPS,
+    Run,
+    Step,
+    construct_controller_job,
+    pipeline_jobs,
+)
+from saige_k8s.runners.kubernetes import Cluster
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+class StepFailed(SaigeError):
+    """A step's Job failed; a configuration error in the step (exit code 2) keeps its exit code."""
+
+    def __init__(self, step: str, job: str, reason: str, detail: str, exit_code: int) -> None:
+        where = f": {detail}" if detail else ""
+        super().__init__(f"step {step} failed ({reason}, Job {job}){where}")
+        self.exit_code = exit_code
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    namespace: str
+    dataset: dict[str, Any] = field(default_factory=dict)
+    finished: list[Step] = field(default_factory=list)
+
+
+def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False) -> Outcome:
+    """Runs the pipeline's steps in order, each Job after the previous one succeeded."""
+    jobs = dict(zip(run.steps, pipeline_jobs(run), strict=True))  # every Job built before any is sent
+    outcome = Outcome(run.run_id, cluster.namespace)
+    for step, job in jobs.items():
+        job.metadata.namespace = cluster.namespace
+        current = _ensure(cluster, run, step, job, say)
+        if follow:
+            _follow(cluster, current.metadata.name, step, say)
+        finished = cluster.wait_job(current.metadata.name, job_finished)
+        _raise_if_failed(cluster, step, finished)
+        say(f"{step}: succeeded")
+        outcome.finished.append(step)
+        if step == "extract":
+            outcome.dataset = extract_summary(cluster, finished.metadata.name)
+            say(
+                f"extract: dataset {outcome.dataset['dataset_id']}: {outcome.dataset['kept']} examples "
+                f"of {outcome.dataset['scanned']} rows"
+            )
+            check_min_examples(outcome.dataset, run.spec.extract.min_examples)
+    return outcome
+
+
+def submit_detached(cluster: Cluster, run: Run, say: Say) -> str:
+    """Starts the controller as a Job in the cluster (the same ``submit``), so nothing waits here."""
+    job = construct_controller_job(run)
+    job.metadata.namespace = cluster.namespace
+    return _ensure(cluster, run, CONTROLLER, job, say).metadata.name
+
+
+def _ensure(cluster: Cluster, run: Run, step: str, job: client.V1Job, say: Say) -> client.V1Job:
+    created = cluster.create_job(job)
+    if created is not None:
+        say(f"{step}: created Job {job.metadata.name}")
+        return created
+    existing = cluster.read_job(job.metadata.name)
+    if existing is None:  # deleted between our create and read: one more try
+        return _ensure(cluster, run, step, job, say)
+    if (existing.metadata.labels or {}).get(RUN_LABEL) != run.run_id:
+        raise InputError(
+            f"a Job named {job.metadata.name} exists in namespace {cluster.namespace} but is not part of run "
+            f"{run.run_id}; delete it or choose another --run"
+        )
+    say(f"{step}: Job {job.metadata.name} exists already; following it")
+    return existing
+
+
+def job_finished(job: client.V1Job) -> bool:
+    return job_state(job) in ("Succeeded", "Failed")
+
+
+def job_state(job: client.V1Job) -> str:
+    conditions = {c.type: c for c in (job.status.conditions or []) if c.status == "True"} if job.status else {}
+    if "Complete" in conditions:
+        return "Succeeded"
+    if "Failed" in conditions:
+        return "Failed"
+    if job.status and (job.status.active or 0) > 0:
+        return "Running"
+    return "Pending"
+
+
+def _raise_if_failed(cluster: Cluster, step: Step, job: client.V1Job) -> None:
+    if job_state(job) != "Failed":
+        return
+    failed = next(c for c in job.status.conditions if c.type == "Failed" and c.status == "True")
+    reason = failed.reason or "Failed"
+    exit_code, message = _last_termination(cluster, job.metadata.name, step)
+    detail = message.strip().splitlines()[-1] if message.strip() else (failed.message or "")
+    raise StepFailed(step, job.metadata.name, reason, detail, 2 if exit_code == CONFIG_ERROR_EXIT else 1)
+
+
+def extract_summary(cluster: Cluster, job_name: str) -> dict[str, Any]:
+    """The extract step's JSON summary, from its successful pod's termination message."""
+    exit_code, message = _last_termination(cluster, job_name, "extract")
+    try:
+        summary = json.loads(message) if exit_code == 0 else None
+    except ValueError:
+        summary = None
+    if not isinstance(summary, dict) or not {"dataset_id", "kept", "scanned"} <= summary.keys():
+        raise RuntimeFailure(
+            f"Job {job_name} succeeded but its pod left no dataset summary in its termination message "
+            f"(saige-k8s logs RUN --step extract shows its output)"
+        )
+    return summary
+
+
+def _last_termination(cluster: Cluster, job_name: str, container: str) -> tuple[int | None, str]:
+    """Exit code and termination message of the Job's newest terminated container of that name."""
+    for pod in reversed(cluster.job_pods(job_name)):
+        for status in (pod.status.container_statuses or []) if pod.status else []:
+            terminated = status.state.terminated if status.state else None
+            if status.name == container and terminated is not None:
+                return terminated.exit_code, terminated.message or ""
+    return None, ""
+
+
+def _follow(cluster: Cluster, job_name: str, step: Step, say: Say) -> None:
+    """Streams the step's newest pod log once it runs (best effort: a log is not the outcome)."""
+    pod = _wait_for_pod(cluster, job_name)
+    if pod is None:
+        return
+    try:
+        for line in cluster.pod_log(pod.metadata.name, step, follow=True):
+            say(f"[{step}] {line}")
+    except RuntimeFailure as exc:
+        log.warning("log of %s: %s", pod.metadata.name, exc)
+
+
+def _wait_for_pod(cluster: Cluster, job_name: str) -> client.V1Pod | None:
+    started: list[client.V1Pod] = []
+
+    def pod_started(job: client.V1Job) -> bool:
+        if job_finished(job):
+            return True
+        pods = [p for p in cluster.job_pods(job_name) if p.status and p.status.phase not in (None, "Pending")]
+        started.extend(pods[-1:])
+        return bool(pods)
+
+    cluster.wait_job(job_name, pod_started)
+    return started[-1] if started else None
+
+
+# -- status, logs, cancel -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    run_id: str
+    pipeline: str
+    step: str
+    job: str
+    state: str
+    started: str
+    finished: str
+
+
+def status(cluster: Cluster, run_id: str | None = None) -> list[StepStatus]:
+    """The steps of one run, or of every run in the namespace, in run then pipeline order."""
+    labels = {"app.kubernetes.io/managed-by": "saige-k8s", **({RUN_LABEL: run_id} if run_id else {})}
+    rows = []
+    for job in cluster.list_jobs(labels):
+        meta_labels = job.metadata.labels or {}
+        started = job.status.start_time if job.status else None
+        finished = job.status.completion_time if job.status else None
+        rows.append(
+            StepStatus(
+                run_id=meta_labels.get(RUN_LABEL, "?"),
+                pipeline=meta_labels.get(PIPELINE_LABEL, "?"),
+                step=meta_labels.get(STEP_LABEL, "?"),
+                job=job.metadata.name,
+                state=job_state(job),
+                started=started.isoformat(timespec="seconds") if started else "",
+                finished=finished.isoformat(timespec="seconds") if finished else "",
+            )
+        )
+    order = {step: i for i, step in enumerate((CONTROLLER, *STEPS))}
+    return sorted(rows, key=lambda row: (row.run_id, order.get(row.step, len(order))))
+
+
+def logs(cluster: Cluster, run_id: str, step: Step | None, follow: bool) -> tuple[str, Any]:
+    """The pod whose log is wanted and its lines: the given step, else the run's latest step."""
+    rows = status(cluster, run_id)
+    if not rows:
+        raise InputError(f"no run {run_id!r} in namespace {cluster.namespace} (saige-k8s status lists the runs)")
+    chosen = next((row for row in rows if row.step == step), None) if step else rows[-1]
+    if chosen is None:
+        raise InputError(f"run {run_id} has no {step} step (it has: {', '.join(row.step for row in rows)})")
+    pods = cluster.job_pods(chosen.job)
+    if not pods:
+        raise InputError(f"Job {chosen.job} has no pod yet (state: {chosen.state})")
+    pod = pods[-1].metadata.name
+    return pod, cluster.pod_log(pod, chosen.step, follow=follow)
+
+
+def cancel(cluster: Cluster, run_id: str) -> list[str]:
+    """Deletes the run's Jobs (their pods follow by garbage collection); the names deleted."""
+    names = [job.metadata.name for job in cluster.list_jobs({RUN_LABEL: run_id})]
+    deleted = [name for name in names if cluster.delete_job(name)]
+    if not deleted:
+        raise InputError(f"no run {run_id!r} in namespace {cluster.namespace} (saige-k8s status lists the runs)")
+    return deleted

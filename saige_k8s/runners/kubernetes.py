@@ -1,0 +1,277 @@
+"""The only module that calls the Kubernetes API.
+
+Every call goes through :meth:`Cluster._call`, which retries what a retry can fix (429,
+5xx, dropped connections, with backoff) and turns what it cannot into one clear error:
+no kubeconfig, forbidden (naming the verb and resource the Role lacks), unknown namespace.
+Watches list first, then watch from the list's resourceVersion, and re-list when the
+server says the version is gone (410) or the stream ends, as a real API server requires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from saige_k8s.errors import ConfigError, RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+#: Set by the Job controller on every pod it creates.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: A watch is re-opened this often even when nothing happens (a real server may drop it sooner).
+WATCH_SECONDS = 300
+
+
+class Cluster:
+    """A namespace of a cluster, reached through the official client."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, attempts: int = 6) -> None:
+        self.api_client = api_client
+        self.namespace = namespace
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.attempts = attempts
+
+    @classmethod
+    def connect(cls, context: str | None = None, in_cluster: bool = False, namespace: str | None = None) -> Cluster:
+        """From the pod's service account (``in_cluster``) or the kubeconfig (``context`` or its current one)."""
+        try:
+            if in_cluster:
+                config.load_incluster_config()
+                default_namespace = _read_in_cluster_namespace()
+            else:
+                config.load_kube_config(context=context)
+                contexts, active = config.list_kube_config_contexts()
+                chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+                default_namespace = chosen["context"].get("namespace") or "default"
+        except ConfigException as exc:
+            where = "in-cluster service account" if in_cluster else "kubeconfig"
+            hint = "" if in_cluster else " (set KUBECONFIG, or pass --context; inside a pod use --in-cluster)"
+            raise ConfigError(f"cannot load the {where}: {_first_line(exc)}{hint}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot load the Kubernetes configuration: {exc}") from None
+        return cls(client.ApiClient(), namespace or default_namespace)
+
+    # -- Jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, job: client.V1Job) -> client.V1Job | None:
+        """The created Job, or None when one of that name exists already (the caller decides if it is ours)."""
+        try:
+            return self._call("create", "jobs", lambda: self.batch.create_namespaced_job(self.namespace, job))
+        except _Conflict:
+            return None
+
+    def read_job(self, name: str) -> client.V1Job | None:
+        try:
+            return self._call("get", "jobs", lambda: self.batch.read_namespaced_job(name, self.namespace))
+        except _NotFound:
+            return None
+
+    def list_jobs(self, labels: dict[str, str]) -> list[client.V1Job]:
+        """Jobs carrying all of ``labels`` (checked here too: a selector is only a hint to a proxy or emulator)."""
+        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+        found = self._call(
+            "list", "jobs", lambda: self.batch.list_namespaced_job(self.namespace, label_selector=selector)
+        )
+        return [job for job in found.items if _has_labels(job.metadata, labels)]
+
+    def delete_job(self, name: str) -> bool:
+        """Deletes the Job and, through garbage collection, its pods; False if it was already gone."""
+        body = client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            self._call("delete", "jobs", lambda: self.batch.delete_namespaced_job(name, self.namespace, body=body))
+        except _NotFound:
+            return False
+        return True
+
+    def wait_job(self, name: str, done: Callable[[client.V1Job], bool]) -> client.V1Job:
+        """Blocks until ``done(job)``: list, then watch from the list's version; re-list on 410 or a closed stream."""
+        selector = f"metadata.name={name}"
+        while True:
+            listed = self._call(
+                "list", "jobs", lambda: self.batch.list_namespaced_job(self.namespace, field_selector=selector)
+            )
+            job = next((item for item in listed.items if item.metadata.name == name), None)
+            if job is None:
+                raise RuntimeFailure(f"Job {name} no longer exists in namespace {self.namespace} (deleted?)")
+            if done(job):
+                return job
+            stream = watch.Watch().stream(
+                self.batch.list_namespaced_job,
+                self.namespace,
+                field_selector=selector,
+                resource_version=listed.metadata.resource_version,
+                timeout_seconds=WATCH_SECONDS,
+                _request_timeout=WATCH_SECONDS + 30,
+            )
+            try:
+                for event in stream:
+                    job = event["object"]
+                    if job.metadata.name != name:
+                        continue
+                    if event["type"] == "DELETED":
+                        raise RuntimeFailure(f"Job {name} was deleted while the controller waited for it")
+                    if done(job):
+                        return job
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise self._translate(exc, "watch", "jobs") from None
+                log.debug("watch on %s expired (410); listing again", name)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                log.debug("watch on %s dropped (%s); listing again", name, exc)
+                time.sleep(1)
+
+    # -- Pods -----------------------------------------------------------------------------------
+
+    def job_pods(self, job_name: str) -> list[client.V1Pod]:
+        """The Job's pods, oldest first."""
+        labels = {JOB_NAME_LABEL: job_name}
+        selector = f"{JOB_NAME_LABEL}={job_name}"
+        found = self._call(
+            "list", "pods", lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+        )
+        pods = [pod for pod in found.items if _has_labels(pod.metadata, labels)]
+        return sorted(pods, key=lambda pod: (pod.metadata.creation_timestamp or 0, pod.metadata.name))
+
+    def pod_log(self, pod: str, container: str, follow: bool = False) -> Iterator[str]:
+        """The container's log, line by line; with ``follow``, until the container ends."""
+        try:
+            response = self._call(
+                "get",
+                "pods/log",
+                lambda: self.core.read_namespaced_pod_log(
+                    pod, self.namespace, container=container, follow=follow, _preload_content=False
+                ),
+            )
+        except _NotFound:
+            raise RuntimeFailure(f"pod {pod} is gone; its log went with it") from None
+        try:
+            pending = b""
+            for chunk in response.stream(4096):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+            if pending:
+                yield pending.decode("utf-8", "replace")
+        finally:
+            response.release_conn()
+
+    # -- The one way every call is made ----------------------------------------------------------
+
+    def _call(self, verb: str, resource: str, request: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(self.attempts),
+            wait=_retry_after_or(wait_exponential_jitter(initial=0.5, max=20)),
+            before_sleep=lambda state: log.warning(
+                "%s %s: %s; retrying (attempt %d of %d)",
+                verb,
+                resource,
+                _describe_transient(state.outcome.exception() if state.outcome else None),
+                state.attempt_number + 1,
+                self.attempts,
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(request)
+        except ApiException as exc:
+            raise self._translate(exc, verb, resource) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            host = self.api_client.configuration.host
+            raise RuntimeFailure(f"cannot reach the Kubernetes API server at {host}: {_first_line(exc)}") from None
+
+    def _translate(self, exc: ApiException, verb: str, resource: str) -> Exception:  # noqa: PLR0911 - one per status
+        status, message = exc.status, _status_message(exc)
+        if status == 409:
+            return _Conflict(message)
+        if status == 404:
+            if verb in ("create", "list", "watch"):
+                return ConfigError(f"namespace {self.namespace!r} not found (create it, or pass -n NAMESPACE)")
+            return _NotFound(message)
+        if status == 403:
+            return ConfigError(
+                f"forbidden: cannot {verb} {resource} in namespace {self.namespace!r} "
+                f"(grant the Role '{verb}' on '{resource}'; the Helm chart's Role has what saige-k8s needs): {message}"
+            )
+        if status == 401:
+            return ConfigError(f"the API server rejected the credentials (401 Unauthorized): {message}")
+        if status in (400, 422):
+            return ConfigError(f"the API server refused to {verb} {resource}: {message}")
+        return RuntimeFailure(f"{verb} {resource} failed with HTTP {status}: {message}")
+
+
+class _Conflict(Exception):
+    """409: an object of that name exists."""
+
+
+class _NotFound(Exception):
+    """404 on a named object."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status in RETRIED_STATUSES
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError)
+
+
+def _retry_after_or(fallback: Any) -> Callable[[Any], float]:
+    """Honour a 429's Retry-After header (capped), else back off exponentially."""
+
+    def wait(state: Any) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        header = (exc.headers or {}).get("Retry-After") if isinstance(exc, ApiException) else None
+        if header:
+            try:
+                return min(float(header), 30.0)
+            except ValueError:
+                pass
+        return fallback(state)
+
+    return wait
+
+
+def _describe_transient(exc: BaseException | None) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason or ''}".strip()
+    return _first_line(exc) if exc else "error"
+
+
+def _status_message(exc: ApiException) -> str:
+    """The Status object's message when the server sent one, else the HTTP reason."""
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    return str(body.get("message") or exc.reason or f"HTTP {exc.status}")
+
+
+def _has_labels(metadata: client.V1ObjectMeta, labels: dict[str, str]) -> bool:
+    own = metadata.labels or {}
+    return all(own.get(key) == value for key, value in labels.items())
+
+
+def _read_in_cluster_namespace() -> str:
+    try:
+        return IN_CLUSTER_NAMESPACE.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "default"
+
+
+def _first_line(exc: object) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

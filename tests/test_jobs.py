@@ -1,0 +1,246 @@
+"""The Job builders: every shipped spec renders Jobs that pass the official schemas strictly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from saige_k8s.errors import ConfigError
+from saige_k8s.runners.jobs import Run, construct_step_job, job_name, pipeline_jobs, spec_document, to_dict
+from saige_k8s.spec import PipelineSpec, load_spec, parse_spec
+from tests.conftest import run_cli
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+SPECS = sorted(JOBS_DIR.glob("*.yaml"))
+#: The oldest Kubernetes the chart supports and the newest schema bundled with kubernetes-validate.
+VERSIONS = ("1.30", kubernetes_validate.latest_version())
+
+
+def _pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_renders_strictly_valid_jobs(spec_path: Path):
+    spec = load_spec(spec_path)
+    jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, f"{spec.name}-20261125-130000"))]
+    assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == (
+        ["extract", "train", "export"] if spec.train.export else ["extract", "train"]
+    )
+    for job in jobs:
+        for version in VERSIONS:
+            kubernetes_validate.validate(job, version, strict=True)
+        assert len(job["metadata"]["name"]) <= 63
+
+
+def test_render_tinyllama_train_job_requests_a_gpu_and_memory_backed_shm(tmp_path):
+    result = run_cli("render", "-f", JOBS_DIR / "tinyllama.yaml", "--run", "tinyllama-20261125-130000", "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    items = json.loads(result.stdout)["items"]
+    train = next(job for job in items if job["metadata"]["name"].endswith("-train"))
+    for job in items:
+        for version in VERSIONS:
+            kubernetes_validate.validate(job, version, strict=True)
+    container = _pod(train)["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    shm_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    shm = next(v for v in _pod(train)["volumes"] if v["name"] == shm_mount["name"])
+    assert shm["emptyDir"]["medium"] == "Memory"
+    # The database URL comes from a Secret reference, never a value.
+    extract = _pod(items[0])["containers"][0]
+    db = next(e for e in extract["env"] if e["name"] == "SAIGE_DB_URL")
+    assert db == {"name": "SAIGE_DB_URL", "valueFrom": {"secretKeyRef": {"name": "saige-db", "key": "url"}}}
+    # YAML output is the same objects.
+    as_yaml = run_cli("render", "-f", JOBS_DIR / "tinyllama.yaml", "--run", "tinyllama-20261125-130000")
+    assert list(yaml.safe_load_all(as_yaml.stdout)) == items
+
+
+def test_pods_are_hardened_and_steps_carry_labels_and_failure_policy():
+    spec = load_spec(JOBS_DIR / "llama3-8b-qlora.yaml")
+    for job in map(to_dict, pipeline_jobs(Run(spec, "r1"))):
+        step = job["metadata"]["labels"]["saige.io/step"]
+        pod = _pod(job)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["restartPolicy"] == "Never"
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["readOnlyRootFilesystem"] is True
+            assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+        assert job["metadata"]["labels"]["saige.io/pipeline-run"] == "r1"
+        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == step
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert rules[0] == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": step, "operator": "In", "values": [2]},
+        }
+        assert rules[1]["action"] == "Ignore"
+        assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+        assert job["spec"]["ttlSecondsAfterFinished"] > 0
+        assert job["spec"]["activeDeadlineSeconds"] > 0
+
+
+def test_two_gpus_launch_torchrun_with_two_processes_and_the_spec_reaches_the_pod():
+    spec = load_spec(JOBS_DIR / "llama3-8b-qlora.yaml")
+    train = to_dict(construct_step_job(Run(spec, "r1"), "train"))
+    command = _pod(train)["containers"][0]["command"]
+    assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    assert command[command.index("--dataset") + 1] == "r1"
+    assert _pod(train)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # The spec file in the pod is the annotation the downward API projects, and parses to the same spec.
+    annotation = train["spec"]["template"]["metadata"]["annotations"]["saige.io/spec"]
+    projected = next(v for v in _pod(train)["volumes"] if "downwardAPI" in v)
+    assert projected["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.annotations['saige.io/spec']"
+    assert parse_spec(yaml.safe_load(annotation)).train == spec.train
+
+
+def test_passthrough_scheduling_and_kueue_label():
+    spec = parse_spec(
+        {
+            "train": {"gpus": 4},
+            "kubernetes": {
+                "kueue_queue": "gpu-queue",
+                "service_account_name": "trainer",
+                "images": {"pull_secrets": ["regcred"]},
+                "train": {
+                    "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a100"]}]}
+                                ]
+                            }
+                        }
+                    },
+                    "runtime_class_name": "nvidia",
+                    "priority_class_name": "training",
+                    "shm_size": "32Gi",
+                },
+            },
+        }
+    )
+    train = to_dict(construct_step_job(Run(spec, "r2"), "train"))
+    pod = _pod(train)
+    for version in VERSIONS:
+        kubernetes_validate.validate(train, version, strict=True)
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert (pod["runtimeClassName"], pod["priorityClassName"]) == ("nvidia", "training")
+    assert pod["serviceAccountName"] == "trainer"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    # Setting only some keys of a step keeps its default resources.
+    assert pod["containers"][0]["resources"]["requests"]["memory"] == "24Gi"
+
+
+def test_a_misspelt_passthrough_key_is_an_error_not_silently_dropped():
+    spec = parse_spec({"kubernetes": {"train": {"tolerations": [{"key": "gpu", "opertor": "Exists"}]}}})
+    with pytest.raises(ConfigError, match=r"kubernetes\.train\.tolerations\[0\]: unknown field 'opertor'"):
+        pipeline_jobs(Run(spec, "r3"))
+
+
+def test_a_password_in_the_spec_is_refused_and_secret_refs_carry_no_values():
+    planted = "PLANTED-s3cret-value"
+    spec = parse_spec({"source": {"url": f"postgresql+psycopg://saige:{planted}@db/saige"}})
+    with pytest.raises(ConfigError, match=r"kubernetes\.secrets\.db_url") as caught:
+        pipeline_jobs(Run(spec, "r4"))
+    assert planted not in str(caught.value)
+    spec = parse_spec(
+        {
+            "source": {"url": "postgresql+psycopg://saige@db/saige"},
+            "kubernetes": {
+                "secrets": {"db_url": {"name": "saige-db", "key": "url"}, "hf_token": {"name": "hf", "key": "t"}}
+            },
+        }
+    )
+    rendered = json.dumps([to_dict(job) for job in pipeline_jobs(Run(spec, "r4"))])
+    assert planted not in rendered
+    train = to_dict(construct_step_job(Run(spec, "r4"), "train"))
+    hf = next(e for e in _pod(train)["containers"][0]["env"] if e["name"] == "HF_TOKEN")
+    assert hf["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "t"}
+
+
+def test_names_longer_than_63_characters_are_refused():
+    assert job_name("a" * 55, "extract") == "a" * 55 + "-extract"
+    with pytest.raises(ConfigError, match="longer than 63"):
+        job_name("a" * 56, "extract")
+    result = run_cli("render", "-f", JOBS_DIR / "demo.yaml", "--run", "x" * 60)
+    assert result.exit_code == 2
+    assert "longer than 63" in result.stderr
+
+
+def test_demo_spec_creates_its_database_on_the_volume_and_collect_runs_first():
+    spec = load_spec(JOBS_DIR / "demo.yaml")
+    extract = to_dict(construct_step_job(Run(spec, "d1"), "extract"))
+    init = _pod(extract)["initContainers"][0]
+    assert init["command"][:2] == ["saige-k8s", "demo-db"]
+    assert "--if-missing" in init["command"]
+    assert _pod(extract)["containers"][0]["workingDir"] == "/data"
+    assert _pod(extract)["containers"][0]["command"][-2:] == ["--summary-file", "/dev/termination-log"]
+    with_collect = parse_spec(
+        {
+            "collect": {
+                "image": "registry.example/saige-trainer:1.2",
+                "command": ["node", "trainer.js"],
+                "env": {"TRAINING_EPISODES": "50"},
+                "secret_env": {"OPENAI_API_KEY": {"name": "llm", "key": "key"}},
+            }
+        }
+    )
+    jobs = [to_dict(job) for job in pipeline_jobs(Run(with_collect, "c1"))]
+    assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == ["collect", "extract", "train"]
+    collect = _pod(jobs[0])["containers"][0]
+    assert collect["image"] == "registry.example/saige-trainer:1.2"
+    assert collect["command"] == ["node", "trainer.js"]
+    assert {"name": "TRAINING_EPISODES", "value": "50"} in collect["env"]
+    key = next(e for e in collect["env"] if e["name"] == "OPENAI_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "llm", "key": "key"}
+    for job in jobs:
+        kubernetes_validate.validate(job, VERSIONS[-1], strict=True)
+
+
+def test_the_pods_spec_omits_unset_values_and_the_kubernetes_block():
+    spec = PipelineSpec()
+    document = yaml.safe_load(spec_document(spec))
+    assert "kubernetes" not in document
+    assert "url" not in document["source"]
+    assert parse_spec(document) == spec.model_copy(update={"kubernetes": spec.kubernetes})
+
+
+def test_the_detached_controller_job_runs_submit_in_the_cluster_with_the_full_spec():
+    from saige_k8s.runners.jobs import construct_controller_job
+
+    spec = load_spec(JOBS_DIR / "tinyllama.yaml")
+    job = to_dict(construct_controller_job(Run(spec, "tinyllama-20261125-130000")))
+    for version in VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    pod = _pod(job)
+    assert job["metadata"]["name"] == "tinyllama-20261125-130000-submit"
+    assert pod["serviceAccountName"] == spec.kubernetes.controller_service_account
+    assert "automountServiceAccountToken" not in pod  # it needs its token to call the API
+    assert pod["containers"][0]["command"] == [
+        "saige-k8s",
+        "submit",
+        "--in-cluster",
+        "-f",
+        "/etc/saige/spec.yaml",
+        "--run",
+        "tinyllama-20261125-130000",
+    ]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    document = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"]["saige.io/spec"])
+    assert parse_spec(document) == spec  # the kubernetes block included: it makes the step Jobs
