@@ -5,8 +5,9 @@ block generated from the pydantic PipelineSpec, so the chart and the Python spec
     python helm/values_schema.py --check   # exit 1 when the committed schema is stale (tests do this)
 
 The ``pipeline.kubernetes`` keys that the chart composes from its own values (namespace,
-images, claim_name, secrets, pushgateway_url) are not accepted under ``pipeline``: set them
-through ``image``, ``persistence``, ``database``, ``huggingface`` and ``metrics`` instead.
+images, claim_name, secrets, pushgateway_url, controller_service_account) are not accepted
+under ``pipeline``: set them through ``image``, ``persistence``, ``database``,
+``huggingface``, ``metrics`` and ``serviceAccount`` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from saige_k8s.spec import PipelineSpec
 SCHEMA_PATH = Path(__file__).resolve().parent / "saige" / "values.schema.json"
 
 #: pipeline.kubernetes keys the chart fills in from its own values.
-COMPOSED_KUBERNETES_KEYS = ("namespace", "images", "claim_name", "secrets", "pushgateway_url")
+COMPOSED_KUBERNETES_KEYS = (
+    "namespace",
+    "images",
+    "claim_name",
+    "secrets",
+    "pushgateway_url",
+    "controller_service_account",
+)
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
@@ -117,8 +125,8 @@ def pipeline_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     for key in COMPOSED_KUBERNETES_KEYS:
         kubernetes["properties"].pop(key)
     kubernetes["description"] = (
-        "How the steps run as Jobs. namespace, images, claim_name, secrets and pushgateway_url are "
-        "composed by the chart from its own values and cannot be set here."
+        "How the steps run as Jobs. namespace, images, claim_name, secrets, pushgateway_url and "
+        "controller_service_account are composed by the chart from its own values and cannot be set here."
     )
     for name in ("ImagesSpec", "SecretsSpec"):
         defs.pop(name)

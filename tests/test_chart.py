@@ -31,7 +31,7 @@ from tests.chart_helpers import (
     template,
     values_args,
 )
-from tests.conftest import need_tool
+from tests.conftest import need_tool, run_cli
 
 if helm_binary() is None:
     need_tool("helm not found (on PATH or beside the Python interpreter); .ci/install-helm .venv/bin installs it")
@@ -245,6 +245,13 @@ def test_the_configmap_holds_a_valid_pipeline_spec(rendered, scenario):
     else:
         assert k8s.secrets.hf_token is None
     assert k8s.pushgateway_url == (values["metrics"]["pushgateway"]["url"] or None)
+    # `submit --no-wait` with this spec runs the controller as the chart's ServiceAccount.
+    binding = one(objects, "RoleBinding")
+    assert k8s.controller_service_account == binding["subjects"][0]["name"]
+    cron = one(objects, "CronJob")
+    assert (
+        k8s.controller_service_account == cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"]
+    )
     # The rest of the block passes through.
     assert spec.name == values["pipeline"]["name"]
     assert spec.train.model == values["pipeline"]["train"]["model"]
@@ -256,6 +263,43 @@ def _merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_installed_spec_renders_its_jobs(rendered, scenario, tmp_path):
+    """What `helm test` runs in the cluster (saige-k8s render -f /etc/saige/pipeline.yaml), here."""
+    objects = rendered[scenario]
+    path = tmp_path / "pipeline.yaml"
+    config_map = next(o for o in by_kind(objects, "ConfigMap") if "pipeline.yaml" in o["data"])
+    path.write_text(config_map["data"]["pipeline.yaml"])
+    result = run_cli("render", "-f", path, "-o", "yaml", "--run", "chart-test")
+    assert result.exit_code == 0, result.output + result.stderr
+    jobs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    spec = parse_spec(yaml.safe_load(path.read_text()))
+    steps = ["extract", "train", *(["export"] if spec.train.export else [])]
+    assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == steps
+    for job in jobs:
+        assert job["metadata"]["namespace"] == NAMESPACE
+        kubernetes_validate.validate(job, KUBERNETES_VERSIONS[-1], strict=True)
+        pod = job["spec"]["template"]["spec"]
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [spec.kubernetes.claim_name]
+        (container,) = pod["containers"]
+        step = job["metadata"]["labels"]["saige.io/step"]
+        assert container["image"] == (
+            spec.kubernetes.images.extract if step == "extract" else spec.kubernetes.images.train
+        )
+        secret_env = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in container.get("env", [])
+            if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+        }
+        if step == "extract" and spec.kubernetes.secrets.db_url:
+            ref = secret_env["SAIGE_DB_URL"]
+            assert (ref["name"], ref["key"]) == (
+                spec.kubernetes.secrets.db_url.name,
+                spec.kubernetes.secrets.db_url.key,
+            )
 
 
 def test_gpu_scheduling_reaches_the_spec(rendered):

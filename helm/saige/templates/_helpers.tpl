@@ -103,6 +103,7 @@ chart's values. Rendered with toYaml into the ConfigMap.
 {{- $_ := set $k8s "images" $images }}
 {{- $_ := set $k8s "namespace" .Release.Namespace }}
 {{- $_ := set $k8s "claim_name" (include "saige.claimName" .) }}
+{{- $_ := set $k8s "controller_service_account" (include "saige.serviceAccountName" .) }}
 {{- $secrets := dict }}
 {{- if .Values.database.existingSecret }}
 {{- $_ := set $secrets "db_url" (dict "name" .Values.database.existingSecret "key" .Values.database.secretKey) }}
