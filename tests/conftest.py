@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from saige_k8s.cli import cli
 from saige_k8s.experiences.demo import DemoOptions, create_database
+from tests.kube_emulator import kube  # noqa: F401 - the emulated API server fixture, for every test module
 
 REQUIRE_TOOLS = os.environ.get("SAIGE_REQUIRE_TOOLS") == "1"
 DEMO_ROWS = 4000

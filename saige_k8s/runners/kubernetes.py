@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,8 +55,10 @@ class Cluster:
                 config.load_incluster_config()
                 default_namespace = _read_in_cluster_namespace()
             else:
-                config.load_kube_config(context=context)
-                contexts, active = config.list_kube_config_contexts()
+                # Read $KUBECONFIG now: the client reads it once, at import.
+                path = os.environ.get("KUBECONFIG") or None
+                config.load_kube_config(config_file=path, context=context)
+                contexts, active = config.list_kube_config_contexts(config_file=path)
                 chosen = next((c for c in contexts if c["name"] == context), active) if context else active
                 default_namespace = chosen["context"].get("namespace") or "default"
         except ConfigException as exc:
@@ -177,7 +180,7 @@ class Cluster:
         retrying = Retrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self.attempts),
-            wait=_retry_after_or(wait_exponential_jitter(initial=0.5, max=20)),
+            wait=_retry_after_or(wait_exponential_jitter(multiplier=0.5, max=20)),
             before_sleep=lambda state: log.warning(
                 "%s %s: %s; retrying (attempt %d of %d)",
                 verb,

@@ -1,0 +1,296 @@
+"""The controller end to end through the official client, against kmock's emulated API server.
+
+The test thread plays the cluster's controllers (it completes Jobs and writes pods'
+termination messages); every object the controller sends is validated against the official
+schemas, strictly, since the emulator itself validates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.runners import controller
+from saige_k8s.runners.jobs import Run
+from saige_k8s.runners.kubernetes import Cluster
+from saige_k8s.spec import parse_spec
+from tests.conftest import run_cli, wait_for
+from tests.kube_emulator import KubeEmulator
+
+NS = "default"
+RUN = "demo-20261125-130000"
+VERSIONS = ("1.30", kubernetes_validate.latest_version())
+
+
+def _spec(**train: Any) -> Any:
+    return parse_spec(
+        {
+            "name": "demo",
+            "extract": {"min_examples": 10},
+            "train": {"gpus": 1, **train},
+            "kubernetes": {"secrets": {"db_url": {"name": "saige-db", "key": "url"}}},
+        }
+    )
+
+
+class Submission:
+    """``controller.submit`` on a thread: it blocks the way it blocks a laptop's terminal."""
+
+    def __init__(self, cluster: Cluster, run: Run) -> None:
+        self.messages: list[str] = []
+        self.outcome: controller.Outcome | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, args=(cluster, run), daemon=True)
+        self.thread.start()
+
+    def _main(self, cluster: Cluster, run: Run) -> None:
+        try:
+            self.outcome = controller.submit(cluster, run, self.messages.append)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), self.messages
+
+
+def _job(kube: KubeEmulator, name: str) -> dict | None:
+    return next((job for job in kube.objects("jobs", NS) if job["metadata"]["name"] == name), None)
+
+
+def _finish(kube: KubeEmulator, job: str, step: str, exit_code: int = 0, message: str = "") -> None:
+    """What the Job controller and kubelet do: a pod that ran and ended, then the Job's condition."""
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{job}-x7k2p",
+                "namespace": NS,
+                "labels": {"batch.kubernetes.io/job-name": job, "job-name": job},
+            },
+            "spec": {"containers": [{"name": step, "image": "img"}]},
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [
+                    {
+                        "name": step,
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "img",
+                        "imageID": "",
+                        "state": {"terminated": {"exitCode": exit_code, "message": message, "reason": "Completed"}},
+                    }
+                ],
+            },
+        }
+    )
+    condition = (
+        {"type": "Complete", "status": "True"}
+        if exit_code == 0
+        else {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}
+    )
+    kube.patch_status("jobs", NS, job, {"conditions": [condition]})
+
+
+def _sent_objects(kube: KubeEmulator) -> list[dict]:
+    return [sent.body for sent in kube.requests() if sent.method == "POST" and isinstance(sent.body, dict)]
+
+
+def _summary(kept: int) -> str:
+    return json.dumps({"dataset_id": RUN, "scanned": 5000, "kept": kept, "train": kept - 5, "eval": 5})
+
+
+def test_submit_runs_extract_then_train_with_its_dataset_and_status_logs_cancel_behave(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10), submission.messages
+    assert _job(kube, f"{RUN}-train") is None  # nothing trains before the dataset is known
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    assert wait_for(lambda: _job(kube, f"{RUN}-train") is not None, 10), submission.messages
+    train = _job(kube, f"{RUN}-train")
+    command = train["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--dataset") + 1] == RUN
+    _finish(kube, f"{RUN}-train", "train")
+    submission.join()
+    assert submission.error is None, submission.error
+    assert submission.outcome.dataset["kept"] == 480
+    assert submission.outcome.finished == ["extract", "train"]
+    sent = _sent_objects(kube)
+    assert [obj["metadata"]["name"] for obj in sent] == [f"{RUN}-extract", f"{RUN}-train"]
+    for obj in sent:
+        for version in VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    # The watch API, not polling: one list per Job, then a watch from the list's version.
+    gets = [s for s in kube.requests() if s.method == "GET" and s.path.endswith("/jobs")]
+    watches = [s for s in gets if s.params.get("watch") == "true"]
+    assert watches and all(w.params["resourceVersion"] for w in watches)
+    assert len(gets) - len(watches) <= 2
+
+    rows = controller.status(cluster, RUN)
+    assert [(row.step, row.state) for row in rows] == [("extract", "Succeeded"), ("train", "Succeeded")]
+    kube.set_log(NS, f"{RUN}-train-x7k2p", "step 10 loss 2.1\nstep 20 loss 1.7\n")
+    pod, lines = controller.logs(cluster, RUN, None, follow=False)
+    assert pod == f"{RUN}-train-x7k2p"
+    assert list(lines) == ["step 10 loss 2.1", "step 20 loss 1.7"]
+    assert controller.cancel(cluster, RUN) == [f"{RUN}-extract", f"{RUN}-train"]
+    deletes = [s for s in kube.requests() if s.method == "DELETE"]
+    assert all(s.body.get("propagationPolicy") == "Background" for s in deletes)
+    assert kube.objects("jobs", NS) == []
+    with pytest.raises(InputError, match="no run"):
+        controller.cancel(cluster, RUN)
+
+
+def test_a_dataset_below_the_minimum_stops_before_training(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=7))
+    submission.join()
+    assert isinstance(submission.error, InputError)
+    assert submission.error.exit_code == 2
+    assert "7 examples, below extract.min_examples (10)" in str(submission.error)
+    assert _job(kube, f"{RUN}-train") is None
+
+
+def test_a_step_failing_on_its_configuration_fails_the_run_with_exit_code_2_and_its_last_line(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    log_tail = "loading spec\nsaige-k8s: error: table 'experiences' not found in the database"
+    _finish(kube, f"{RUN}-extract", "extract", exit_code=2, message=log_tail)
+    submission.join()
+    assert isinstance(submission.error, controller.StepFailed)
+    assert submission.error.exit_code == 2
+    assert "step extract failed (PodFailurePolicy" in str(submission.error)
+    assert str(submission.error).endswith("table 'experiences' not found in the database")
+
+
+def test_watch_expiry_is_survived_by_listing_again(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    watching = lambda: any(s.params.get("watch") in ("true", "1", "True") for s in kube.requests())  # noqa: E731
+    assert wait_for(watching, 10)
+    lists_before = sum(1 for s in kube.requests() if s.method == "GET" and "watch" not in s.params)
+    kube.expire_watch("jobs")
+    assert wait_for(
+        lambda: sum(1 for s in kube.requests() if s.method == "GET" and "watch" not in s.params) > lists_before, 10
+    ), "the controller did not list again after 410 Gone"
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    assert wait_for(lambda: _job(kube, f"{RUN}-train") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-train", "train")
+    submission.join()
+    assert submission.error is None, submission.error
+
+
+def test_resubmitting_a_run_adopts_its_jobs_and_creates_no_duplicates(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    first = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    assert wait_for(lambda: _job(kube, f"{RUN}-train") is not None, 10)
+    # The laptop went away; the run is submitted again while training runs.
+    second = Submission(Cluster(kube.api_client(), NS), Run(_spec(), RUN))
+    assert wait_for(lambda: any("exists already" in m for m in second.messages if "train" in m), 10), second.messages
+    _finish(kube, f"{RUN}-train", "train")
+    first.join()
+    second.join()
+    assert first.error is None and second.error is None, (first.error, second.error)
+    assert sorted(job["metadata"]["name"] for job in kube.objects("jobs", NS)) == [f"{RUN}-extract", f"{RUN}-train"]
+    # A Job of that name from another run is not adopted.
+    other = Run(_spec(), RUN)
+    kube.patch_status("jobs", NS, f"{RUN}-extract", {})
+    job = _job(kube, f"{RUN}-extract")
+    job["metadata"]["labels"]["saige.io/pipeline-run"] = "someone-else"
+    kube.put(job)
+    with pytest.raises(InputError, match="not part of run"):
+        controller.submit(cluster, other, lambda _: None)
+
+
+def test_forbidden_names_the_verb_and_resource(kube):
+    kube.forbid("create", "jobs")
+    with pytest.raises(ConfigError, match=r"forbidden: cannot create jobs in namespace 'default'"):
+        controller.submit(Cluster(kube.api_client(), NS), Run(_spec(), RUN), lambda _: None)
+
+
+def test_an_unknown_namespace_is_one_clear_error(kube):
+    with pytest.raises(ConfigError, match=r"namespace 'nowhere' not found"):
+        controller.submit(Cluster(kube.api_client(), "nowhere"), Run(_spec(), RUN), lambda _: None)
+
+
+def test_throttling_and_server_errors_are_retried_and_create_one_job(kube):
+    kube.fail_next("create", "jobs", status=429, times=1, retry_after=0)
+    kube.fail_next("create", "jobs", status=503, times=1)
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 20), submission.messages
+    creates = [s for s in kube.requests() if s.method == "POST"]
+    assert len(creates) == 3  # 429, 503, then created
+    assert len(kube.objects("jobs", NS)) == 1
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=7))
+    submission.join()
+
+
+def test_persistent_server_errors_end_as_a_runtime_failure(kube):
+    kube.fail_next("create", "jobs", status=500, times=10)
+    cluster = Cluster(kube.api_client(), NS, attempts=2)
+    with pytest.raises(Exception, match=r"create jobs failed with HTTP 500") as caught:
+        controller.submit(cluster, Run(_spec(), RUN), lambda _: None)
+    assert caught.value.exit_code == 1
+
+
+def _kubeconfig(tmp_path: Path, server: str, namespace: str = NS) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": server}}],
+                "users": [{"name": "dev", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "dev", "namespace": namespace}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    return path
+
+
+def test_cli_submit_no_wait_starts_the_controller_in_the_cluster_and_status_shows_it(kube, tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec().model_dump(mode="json", by_alias=True, exclude_none=True)))
+    env = {"KUBECONFIG": str(_kubeconfig(tmp_path, kube.url))}
+    result = run_cli("submit", "-f", spec_path, "--run", RUN, "--no-wait", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == RUN
+    controller_job = _job(kube, f"{RUN}-submit")
+    for version in VERSIONS:
+        kubernetes_validate.validate(controller_job, version, strict=True)
+    assert controller_job["spec"]["template"]["spec"]["serviceAccountName"] == "saige"
+    table = run_cli("status", env=env)
+    assert table.exit_code == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB"]
+    assert table.stdout.splitlines()[1].split()[:3] == [RUN, "submit", "Pending"]
+    rendered = run_cli("status", "-o", "json", env=env)
+    assert json.loads(rendered.stdout)[0]["job"] == f"{RUN}-submit"
+    # The kubeconfig's token never reaches the output.
+    assert "not-a-real-token" not in result.stdout + result.stderr + table.stdout
+
+
+def test_cli_errors_without_a_kubeconfig_and_for_an_unknown_run(kube, tmp_path):
+    missing = run_cli("status", env={"KUBECONFIG": str(tmp_path / "absent")})
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith("saige-k8s: error: cannot load the kubeconfig")
+    assert "Traceback" not in missing.stderr
+    env = {"KUBECONFIG": str(_kubeconfig(tmp_path, kube.url))}
+    unknown = run_cli("logs", "nope-1", env=env)
+    assert unknown.exit_code == 2
+    assert "no run 'nope-1' in namespace default" in unknown.stderr
