@@ -1,4 +1,4 @@
-.PHONY: install test lint bench demo
+.PHONY: install test lint bench demo chart-schema
 
 install:
 	python3 -m venv .venv
@@ -17,3 +17,6 @@ bench:
 
 demo:
 	.venv/bin/saige-k8s run -f jobs/demo.yaml
+
+chart-schema:
+	.venv/bin/python helm/values_schema.py

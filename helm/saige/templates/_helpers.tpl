@@ -1,0 +1,148 @@
+{{/*
+Names: at most 63 characters (DNS-1123 labels), no trailing dash.
+*/}}
+{{- define "saige.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "saige.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"<fullname>-<suffix>", the full name cut so that the whole stays within 63 characters.
+Usage: include "saige.suffixed" (list . "db")
+*/}}
+{{- define "saige.suffixed" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $max := sub 62 (len $suffix) | int }}
+{{- printf "%s-%s" (include "saige.fullname" $root | trunc $max | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{- define "saige.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "saige.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "saige.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "saige.labels" -}}
+helm.sh/chart: {{ include "saige.chart" . }}
+{{ include "saige.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: saige
+{{- end }}
+
+{{- define "saige.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "saige.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "saige.claimName" -}}
+{{- if .Values.persistence.existingClaim }}
+{{- .Values.persistence.existingClaim }}
+{{- else }}
+{{- include "saige.suffixed" (list . "data") }}
+{{- end }}
+{{- end }}
+
+{{- define "saige.configMapName" -}}
+{{- include "saige.suffixed" (list . "pipeline") }}
+{{- end }}
+
+{{/* The Secret the chart creates for database.url (quick demos). */}}
+{{- define "saige.dbSecretName" -}}
+{{- include "saige.suffixed" (list . "db") }}
+{{- end }}
+
+{{/*
+An image reference: repository@digest when a digest is given, else repository:tag
+(tag default: the chart's appVersion). Usage: include "saige.image" (list . .Values.image.extract)
+*/}}
+{{- define "saige.image" -}}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pipeline spec: the values' pipeline block, with the kubernetes block composed from the
+chart's values. Rendered with toYaml into the ConfigMap.
+*/}}
+{{- define "saige.pipelineSpec" -}}
+{{- if and .Values.database.url .Values.database.existingSecret }}
+{{- fail "set database.existingSecret or database.url, not both" }}
+{{- end }}
+{{- $pipeline := deepCopy (.Values.pipeline | default dict) }}
+{{- $source := get $pipeline "source" | default dict }}
+{{- if and (kindIs "string" $source.url) (regexMatch "://[^/@]*:[^/@]*@" (default "" $source.url)) }}
+{{- fail "pipeline.source.url holds a password: it would be stored in a ConfigMap. Put the URL in a Secret and set database.existingSecret instead" }}
+{{- end }}
+{{- $k8s := get $pipeline "kubernetes" | default dict }}
+{{- $images := dict "extract" (include "saige.image" (list . .Values.image.extract)) "train" (include "saige.image" (list . .Values.image.train)) "pull_policy" .Values.image.pullPolicy "pull_secrets" .Values.imagePullSecrets }}
+{{- $_ := set $k8s "images" $images }}
+{{- $_ := set $k8s "namespace" .Release.Namespace }}
+{{- $_ := set $k8s "claim_name" (include "saige.claimName" .) }}
+{{- $_ := set $k8s "controller_service_account" (include "saige.serviceAccountName" .) }}
+{{- $secrets := dict }}
+{{- if .Values.database.existingSecret }}
+{{- $_ := set $secrets "db_url" (dict "name" .Values.database.existingSecret "key" .Values.database.secretKey) }}
+{{- else if .Values.database.url }}
+{{- $_ := set $secrets "db_url" (dict "name" (include "saige.dbSecretName" .) "key" "url") }}
+{{- end }}
+{{- if .Values.huggingface.existingSecret }}
+{{- $_ := set $secrets "hf_token" (dict "name" .Values.huggingface.existingSecret "key" .Values.huggingface.secretKey) }}
+{{- end }}
+{{- $_ := set $k8s "secrets" $secrets }}
+{{- if .Values.metrics.pushgateway.url }}
+{{- $_ := set $k8s "pushgateway_url" .Values.metrics.pushgateway.url }}
+{{- end }}
+{{- $_ := set $pipeline "kubernetes" $k8s }}
+{{- toYaml $pipeline }}
+{{- end }}
+
+{{/*
+The hardened security contexts of every pod this chart runs (numeric UID 10001 = the images' user).
+*/}}
+{{- define "saige.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "saige.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}

@@ -1,0 +1,114 @@
+"""Rendering the Helm chart with the real helm binary, shared by the chart and alert tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "saige"
+SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
+RELEASE = "saige"
+NAMESPACE = "saige-ns"
+
+#: Every metric name the steps export. TODO: remove once saige_k8s.metrics.exported_metric_names
+#: (being added on the metrics branch) has landed on main; the tests prefer that function.
+_EXPECTED_METRIC_NAMES = {
+    "saige_extract_rows_scanned_total",
+    "saige_extract_rows_kept_total",
+    "saige_extract_rows_duplicate_total",
+    "saige_extract_rows_invalid_total",
+    "saige_extract_rows_removed_total",
+    "saige_dataset_examples",
+    *(f"saige_dataset_harm{s}" for s in ("", "_bucket", "_sum", "_count")),
+    "saige_dataset_harm_mean",
+    *(f"saige_dataset_weighted_score{s}" for s in ("", "_bucket", "_sum", "_count")),
+    "saige_dataset_weighted_score_mean",
+    "saige_dataset_principle_mean",
+    "saige_dataset_alignment_ratio",
+    "saige_source_rows",
+    "saige_source_harm_mean",
+    "saige_source_weighted_score_mean",
+    "saige_source_alignment_ratio",
+    "saige_extract_duration_seconds",
+    "saige_extract_rows_per_second",
+    "saige_extract_last_success_timestamp_seconds",
+    "saige_dataset_info",
+    "saige_dataset_min_examples",
+    "saige_train_loss",
+    "saige_train_eval_loss",
+    "saige_train_initial_eval_loss",
+    "saige_train_tokens_per_second",
+    "saige_train_duration_seconds",
+    "saige_train_trainable_parameters",
+    "saige_train_parameters",
+    "saige_train_steps",
+    "saige_train_examples",
+    "saige_train_last_success_timestamp_seconds",
+    "saige_train_info",
+    "saige_pipeline_last_run_timestamp_seconds",
+    "saige_pipeline_last_run_success",
+    "saige_pipeline_last_run_duration_seconds",
+    "saige_pipeline_last_success_timestamp_seconds",
+}
+
+
+def exported_metric_names() -> set[str]:
+    from saige_k8s import metrics
+
+    function = getattr(metrics, "exported_metric_names", None)
+    return function() if function is not None else set(_EXPECTED_METRIC_NAMES)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The saige_* series names a PromQL expression selects."""
+    return set(re.findall(r"\bsaige_[a-z0-9_]+", expr))
+
+
+def helm_binary() -> str | None:
+    found = shutil.which("helm")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "helm"
+    return str(beside) if beside.exists() else None
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = helm_binary()
+    assert binary is not None
+    env = {**os.environ, "HELM_CACHE_HOME": "/tmp/saige-helm-cache", "HELM_CONFIG_HOME": "/tmp/saige-helm-config"}
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False, env=env, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def values_args(scenario: str) -> list[str]:
+    return [] if scenario == "default" else ["-f", str(CHART / "ci" / f"{scenario}-values.yaml")]
+
+
+def template(*extra: str, release: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    """The chart's objects (helm test hooks included), parsed."""
+    out = helm("template", release, str(CHART), "-n", namespace, *extra).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_scenario(scenario: str) -> list[dict[str, Any]]:
+    return template(*values_args(scenario))
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]

@@ -1,0 +1,293 @@
+"""The chart's alert rules, as Prometheus evaluates them: the PrometheusRule rendered by helm,
+checked by ``promtool check rules`` and unit-tested by ``promtool test rules`` (every alert
+firing and not firing)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart_helpers import exported_metric_names, helm_binary, metric_names, one, render_scenario
+from tests.conftest import need_tool
+
+if helm_binary() is None:
+    need_tool("helm not found (on PATH or beside the Python interpreter); .ci/install-helm .venv/bin installs it")
+if shutil.which("promtool") is None:
+    need_tool("promtool not found; apt-get install prometheus")
+
+PIPELINE = "saige"  # pipeline.name of the monitoring scenario
+ALERT_LABELS = {"team": "ml"}  # metrics.prometheusRule.alertLabels of the monitoring scenario
+PIPELINE_JOB = {"job": "saige-pipeline", "pipeline": PIPELINE}
+EXTRACT_JOB = {"job": "saige-extract", "pipeline": PIPELINE}
+
+
+@pytest.fixture(scope="module")
+def groups() -> list[dict[str, Any]]:
+    rule = one(render_scenario("monitoring"), "PrometheusRule")
+    return rule["spec"]["groups"]
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, check=False, cwd=cwd, timeout=120)
+
+
+def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{selector}}}", "values": values}
+
+
+def alert(labels: dict[str, str], severity: str = "warning", **extra: str) -> dict[str, Any]:
+    return {"exp_labels": {**labels, "severity": severity, **extra, **ALERT_LABELS}}
+
+
+def test_the_rules_pass_promtool_check(groups, tmp_path):
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    result = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout, result.stdout + result.stderr
+    assert "inconsistency" not in result.stderr
+
+
+def test_a_broken_rule_fails_promtool_check(groups, tmp_path):
+    broken = yaml.safe_load(yaml.safe_dump(groups))
+    broken[0]["rules"][0]["expr"] = "time() - saige_pipeline_last_success_timestamp_seconds{ > 3"
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": broken}))
+    assert promtool("check", "rules", "rules.yaml", cwd=tmp_path).returncode != 0
+
+
+def test_every_metric_in_the_rules_is_exported(groups):
+    used = {name for group in groups for rule in group["rules"] for name in metric_names(rule["expr"])}
+    assert used
+    assert used <= exported_metric_names(), sorted(used - exported_metric_names())
+
+
+# Each case: (name, scrape interval, input series, [(eval time, alert name, expected alerts)]).
+# Rules are evaluated every 5 minutes; timestamps in the series are seconds since the test's
+# start (t = 0), which is also where time() starts in promtool.
+CASES = [
+    (
+        "stale: the last success is older than staleHours (192 h)",
+        "5m",
+        [series("saige_pipeline_last_success_timestamp_seconds", PIPELINE_JOB, "0x2400")],
+        [
+            ("100h", "SaigeRetrainingStale", []),
+            ("191h", "SaigeRetrainingStale", []),
+            ("193h", "SaigeRetrainingStale", [alert(PIPELINE_JOB, reason="stale")]),
+        ],
+    ),
+    (
+        "stale: a recent success (timestamp keeps up with time)",
+        "5m",
+        [series("saige_pipeline_last_success_timestamp_seconds", PIPELINE_JOB, "0+300x2400")],
+        [("199h", "SaigeRetrainingStale", [])],
+    ),
+    (
+        "stale: another pipeline's stale success is not this release's",
+        "5m",
+        [
+            series("saige_pipeline_last_success_timestamp_seconds", {**PIPELINE_JOB, "pipeline": "other"}, "0x2400"),
+            series("saige_pipeline_last_success_timestamp_seconds", PIPELINE_JOB, "0+300x2400"),
+        ],
+        [("199h", "SaigeRetrainingStale", [])],
+    ),
+    (
+        "stale: no success ever recorded",
+        "5m",
+        [series("saige_pipeline_last_run_success", PIPELINE_JOB, "0x2400")],
+        [
+            ("191h", "SaigeRetrainingStale", []),
+            ("193h", "SaigeRetrainingStale", [alert(PIPELINE_JOB, reason="never-succeeded")]),
+        ],
+    ),
+    (
+        "failed: the last run failed",
+        "1m",
+        [series("saige_pipeline_last_run_success", PIPELINE_JOB, "1 1 1 0x20")],
+        [
+            ("0m", "SaigePipelineFailed", []),
+            ("5m", "SaigePipelineFailed", []),  # pending since 5m (for: 5m)
+            ("15m", "SaigePipelineFailed", [alert(PIPELINE_JOB, severity="critical")]),
+        ],
+    ),
+    (
+        "failed: the last run succeeded",
+        "1m",
+        [series("saige_pipeline_last_run_success", PIPELINE_JOB, "0 0 1x20")],
+        [("15m", "SaigePipelineFailed", [])],
+    ),
+    (
+        "dataset: train + eval below min_examples",
+        "1m",
+        [
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "train"}, "40x20"),
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "eval"}, "5x20"),
+            series("saige_dataset_min_examples", EXTRACT_JOB, "100x20"),
+        ],
+        [
+            ("0m", "SaigeDatasetBelowMinimum", []),  # pending (for: 5m)
+            ("10m", "SaigeDatasetBelowMinimum", [alert(EXTRACT_JOB)]),
+        ],
+    ),
+    (
+        "dataset: train alone below, train + eval at the minimum",
+        "1m",
+        [
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "train"}, "95x20"),
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "eval"}, "5x20"),
+            series("saige_dataset_min_examples", EXTRACT_JOB, "100x20"),
+        ],
+        [("10m", "SaigeDatasetBelowMinimum", [])],
+    ),
+]
+
+for metric, alertname, threshold in (
+    ("saige_dataset_harm_mean", "SaigeKeptHarmRising", 0.05),
+    ("saige_source_harm_mean", "SaigeSourceHarmRising", 0.05),
+):
+    # 5-minute samples: 7 days = 2016 steps; the value changes right after day 7.
+    CASES += [
+        (
+            f"{alertname}: up by more than {threshold} within 7d",
+            "5m",
+            [series(metric, EXTRACT_JOB, "0.10x2016 0.20x40")],
+            [
+                ("167h", alertname, []),  # before the rise
+                ("169h", alertname, [alert(EXTRACT_JOB)]),
+                ("171h", alertname, [alert(EXTRACT_JOB)]),
+            ],
+        ),
+        (
+            f"{alertname}: up by less than {threshold}",
+            "5m",
+            [series(metric, EXTRACT_JOB, "0.10x2016 0.14x40")],
+            [("169h", alertname, [])],
+        ),
+        (
+            f"{alertname}: falling harm",
+            "5m",
+            [series(metric, EXTRACT_JOB, "0.30x2016 0.10x40")],
+            [("169h", alertname, [])],
+        ),
+        (
+            f"{alertname}: a rise older than the window",
+            "5m",
+            [series(metric, EXTRACT_JOB, "0.10x100 0.30x2200")],
+            [("178h", alertname, [])],
+        ),
+    ]
+
+ALERTS = {
+    "SaigeRetrainingStale",
+    "SaigePipelineFailed",
+    "SaigeDatasetBelowMinimum",
+    "SaigeKeptHarmRising",
+    "SaigeSourceHarmRising",
+}
+
+
+def _without_annotations(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rules as rendered, minus annotations (checked by promtool check and by the test below)."""
+    stripped = yaml.safe_load(yaml.safe_dump(groups))
+    for group in stripped:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    return stripped
+
+
+def test_every_alert_fires_and_stays_quiet(groups, tmp_path):
+    covered = {name: set() for name in ALERTS}
+    tests = []
+    for name, interval, input_series, checks in CASES:
+        alert_tests = []
+        for eval_time, alertname, expected in checks:
+            alert_tests.append({"eval_time": eval_time, "alertname": alertname, "exp_alerts": expected})
+            covered[alertname].add(bool(expected))
+        tests.append({"name": name, "interval": interval, "input_series": input_series, "alert_rule_test": alert_tests})
+    assert all(seen == {True, False} for seen in covered.values()), covered
+
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": _without_annotations(groups)}))
+    # One promtool run per case, side by side: the week-long cases take a few seconds each.
+    for i, test in enumerate(tests):
+        document = {"rule_files": ["rules.yaml"], "evaluation_interval": "5m", "tests": [test]}
+        (tmp_path / f"case{i}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda i: promtool("test", "rules", f"case{i}.yaml", cwd=tmp_path), range(len(tests))))
+    failures = [
+        f"{test['name']}:\n{result.stdout}{result.stderr}"
+        for test, result in zip(tests, results, strict=True)
+        if result.returncode != 0 or "SUCCESS" not in result.stdout
+    ]
+    assert failures == []
+
+
+def test_a_wrong_expectation_fails(groups, tmp_path):
+    """The unit tests can fail: expecting the failed-run alert on a successful run does."""
+    test = {
+        "interval": "1m",
+        "input_series": [series("saige_pipeline_last_run_success", PIPELINE_JOB, "1x20")],
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "SaigePipelineFailed", "exp_alerts": [alert(PIPELINE_JOB, "critical")]}
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": _without_annotations(groups)}))
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [test]}))
+    assert promtool("test", "rules", "tests.yaml", cwd=tmp_path).returncode != 0
+
+
+def test_annotations_are_expanded(groups, tmp_path):
+    """Prometheus templating in the annotations survives helm's tpl and expands as meant."""
+    test = {
+        "interval": "1m",
+        "input_series": [
+            series("saige_pipeline_last_run_success", PIPELINE_JOB, "0x20"),
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "train"}, "40x20"),
+            series("saige_dataset_examples", {**EXTRACT_JOB, "split": "eval"}, "5x20"),
+            series("saige_dataset_min_examples", EXTRACT_JOB, "100x20"),
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "SaigePipelineFailed",
+                "exp_alerts": [
+                    {
+                        **alert(PIPELINE_JOB, "critical"),
+                        "exp_annotations": {
+                            "summary": "SAIGE pipeline saige: the last run failed",
+                            "description": _description(groups, "SaigePipelineFailed"),
+                        },
+                    }
+                ],
+            },
+            {
+                "eval_time": "10m",
+                "alertname": "SaigeDatasetBelowMinimum",
+                "exp_alerts": [
+                    {
+                        **alert(EXTRACT_JOB),
+                        "exp_annotations": {
+                            "summary": "SAIGE pipeline saige: the newest dataset has only 45 examples, "
+                            "below extract.min_examples",
+                            "description": _description(groups, "SaigeDatasetBelowMinimum"),
+                        },
+                    }
+                ],
+            },
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [test]}))
+    result = promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _description(groups: list[dict[str, Any]], alertname: str) -> str:
+    (rule,) = [r for g in groups for r in g["rules"] if r["alert"] == alertname]
+    assert "{{" not in rule["annotations"]["description"]
+    return rule["annotations"]["description"]
