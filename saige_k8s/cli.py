@@ -101,6 +101,15 @@ def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: i
     click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
 
 
+def _pushgateway_option(what: str, also: str):
+    return click.option(
+        "--pushgateway",
+        envvar="SAIGE_PUSHGATEWAY_URL",
+        metavar="URL",
+        help=f"Push {what} here [default: $SAIGE_PUSHGATEWAY_URL]; {also}.",
+    )
+
+
 def _spec_option(help_text: str, required: bool = False):
     return click.option(
         "-f", "--spec", "spec_path", required=required, type=click.Path(dir_okay=False, path_type=Path), help=help_text
@@ -158,13 +167,7 @@ def _threshold_options(func):  # noqa: ANN001 - a click decorator
     help="Also write the examples as CSV (the seed's output) to this file.",
 )
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable row instead of counting it.")
-@click.option(
-    "--pushgateway",
-    envvar="SAIGE_PUSHGATEWAY_URL",
-    metavar="URL",
-    help="Push dataset-quality metrics here [default: $SAIGE_PUSHGATEWAY_URL]; metrics.prom is always "
-    "written into the dataset directory.",
-)
+@_pushgateway_option("dataset-quality metrics", "metrics.prom is always written into the dataset directory")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
 @click.option(
     "--summary-file",
@@ -230,7 +233,7 @@ def extract(
         result = run_extract(request)
         from saige_k8s import metrics
 
-        registry = metrics.extraction_registry(result.manifest)
+        registry = metrics.extraction_registry(result.manifest, min_examples=spec.extract.min_examples)
         metrics.write_textfile(registry, result.path)
         metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
     if summary_file is not None:
@@ -344,11 +347,13 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
     "[default: DATA_ROOT/runs/<dataset id>-<model>].",
 )
 @_train_options
+@_pushgateway_option("training metrics", "metrics.prom is always written into the run directory")
 def train(
     spec_path: Path | None,
     dataset: str,
     data_root: Path | None,
     output_dir: Path | None,
+    pushgateway: str | None,
     use_4bit: bool | None,
     use_8bit: bool | None,
     target_modules: str | None,
@@ -382,6 +387,11 @@ def train(
     metrics = run_train(TrainOptions(dataset=dataset_dir, run_dir=run_dir, spec=train_spec, progress=True))
     if os.environ.get("RANK", "0") != "0":  # under a launcher, one process reports
         return
+    from saige_k8s import metrics as prometheus
+
+    registry = prometheus.training_registry(metrics)
+    prometheus.write_textfile(registry, run_dir)
+    prometheus.push(registry, pushgateway, prometheus.TRAIN_JOB, spec.name)
     before, after = metrics["eval_loss_before"], metrics["eval_loss"]
     evaluation = f", eval loss {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
     click.echo(
@@ -397,17 +407,22 @@ def train(
     type=click.Path(file_okay=False, path_type=Path),
     help=f"Shared volume root [default: ${DATA_ROOT_ENV} or the spec's data_root].",
 )
-def run(spec_path: Path, data_root: Path | None) -> None:
+@_pushgateway_option(
+    "every step's metrics and the pipeline's result",
+    "DATA_ROOT/metrics/pipeline-NAME.prom is always written",
+)
+def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> None:
     """Run the pipeline on this machine: (demo database,) extract, then train (then export).
 
-    Each step is a subprocess running the same command a Kubernetes pod would run.
+    Each step is a subprocess running the same command a Kubernetes pod would run. After
+    the run, success or failure, the pipeline's metrics are written and pushed.
     """
     from saige_k8s.runners.local import run_local
     from saige_k8s.spec import load_spec
 
     spec = load_spec(spec_path)
     root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root)
-    result = run_local(spec, spec_path, root)
+    result = run_local(spec, spec_path, root, pushgateway=pushgateway)
     metrics = result.metrics
     click.echo(
         f"Pipeline {result.run_id}: dataset {result.dataset['dataset_id']} ({result.dataset['kept']} examples), "
@@ -454,6 +469,7 @@ _RUN_HELP = "Run id: Jobs are named RUN-STEP, and the dataset RUN [default: NAME
     "cluster (as kubernetes.controller_service_account) and returns the run id.",
 )
 @click.option("--follow", is_flag=True, help="Stream each step's log while waiting.")
+@_pushgateway_option("the run's pipeline metrics (success, duration)", "the steps push theirs from their pods")
 def submit(
     spec_path: Path,
     namespace: str | None,
@@ -462,6 +478,7 @@ def submit(
     run_id: str | None,
     wait: bool,
     follow: bool,
+    pushgateway: str | None,
 ) -> None:
     """Run the pipeline as Kubernetes Jobs: extract, check the dataset, train (then export).
 
@@ -484,7 +501,8 @@ def submit(
         _say(f"the controller runs in the cluster as Job {job}; follow with: saige-k8s status {run.run_id}")
         click.echo(run.run_id)
         return
-    outcome = controller.submit(cluster, run, _say, follow=follow)
+    gateway = pushgateway or spec.kubernetes.pushgateway_url
+    outcome = controller.submit(cluster, run, _say, follow=follow, pushgateway=gateway)
     click.echo(
         f"run {run.run_id} succeeded: dataset {outcome.dataset.get('dataset_id', run.dataset_id)} "
         f"({outcome.dataset.get('kept', '?')} examples); adapter in {run.run_dir}/adapter "

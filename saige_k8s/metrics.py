@@ -1,9 +1,16 @@
-"""Prometheus metrics of a step, derived from what the step wrote (the manifest).
+"""Prometheus metrics of a step, derived from what the step wrote (manifest, metrics.json).
 
 Batch jobs do not live long enough to be scraped: each step pushes its group to a
 Pushgateway (grouping key ``job`` + ``pipeline``, no ``instance``, replace semantics) when
 one is configured, and always writes the same series as ``metrics.prom`` next to its
-output. Every value comes from the manifest, so Prometheus and the manifest cannot disagree.
+output. Every value comes from the step's own record (the dataset manifest, the run's
+``metrics.json``), so Prometheus and those files cannot disagree.
+
+Groups: ``saige-extract`` (the extract step), ``saige-train`` (the train step, rank 0) and
+``saige-pipeline`` (whoever orchestrates a run: the local runner, later the controller).
+The pipeline group is replaced (PUT) after a successful run; after a failed one it is
+updated (POST), which leaves ``saige_pipeline_last_success_timestamp_seconds`` of the last
+success in place.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway
+from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway, pushadd_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,14 +31,18 @@ log = logging.getLogger(__name__)
 PUSHGATEWAY_ENV = "SAIGE_PUSHGATEWAY_URL"
 TEXTFILE = "metrics.prom"
 EXTRACT_JOB = "saige-extract"
+TRAIN_JOB = "saige-train"
+PIPELINE_JOB = "saige-pipeline"
+LAST_SUCCESS = "saige_pipeline_last_success_timestamp_seconds"
 
 
 class ExtractionCollector(Collector):
     """The extraction's series, from its manifest: low cardinality, ids only in ``_info``."""
 
-    def __init__(self, manifest: dict[str, Any], finished_at: float) -> None:
+    def __init__(self, manifest: dict[str, Any], finished_at: float, min_examples: int | None = None) -> None:
         self.manifest = manifest
         self.finished_at = finished_at
+        self.min_examples = min_examples
 
     def collect(self) -> Iterator[Metric]:
         m = self.manifest
@@ -72,6 +83,12 @@ class ExtractionCollector(Collector):
             "split",
             {"train": counts["train"], "eval": counts["eval"]},
         )
+        if self.min_examples is not None:
+            yield GaugeMetricFamily(
+                "saige_dataset_min_examples",
+                "Examples a dataset needs before training runs (the spec's extract.min_examples).",
+                value=self.min_examples,
+            )
         for key, name, doc in (
             ("actual_harm", "saige_dataset_harm", "Harm score (0-1) of the kept examples."),
             (
@@ -145,27 +162,187 @@ def _labelled(kind: type, name: str, doc: str, label: str, values: dict[str, flo
     return family
 
 
-def extraction_registry(manifest: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:
+def extraction_registry(
+    manifest: dict[str, Any], finished_at: float | None = None, min_examples: int | None = None
+) -> CollectorRegistry:
+    """The extraction's series; ``min_examples`` (the spec's) adds ``saige_dataset_min_examples``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExtractionCollector(manifest, time.time() if finished_at is None else finished_at))
+    registry.register(ExtractionCollector(manifest, time.time() if finished_at is None else finished_at, min_examples))
     return registry
 
 
-def write_textfile(registry: CollectorRegistry, directory: Path) -> Path:
-    """``directory/metrics.prom``, replaced atomically."""
-    target = directory / TEXTFILE
-    tmp = directory / f".{TEXTFILE}.{os.getpid()}"
+#: metrics.json key -> (gauge, help). A key that is absent or null gives no series.
+TRAINING_GAUGES = {
+    "train_loss": ("saige_train_loss", "Training loss, mean over the last logging window."),
+    "eval_loss": ("saige_train_eval_loss", "Eval loss after training."),
+    "eval_loss_before": ("saige_train_initial_eval_loss", "Eval loss before training (the untrained adapter)."),
+    "tokens_per_second": (
+        "saige_train_tokens_per_second",
+        "Training tokens (not padding) per second of training wall time, all processes.",
+    ),
+    "train_seconds": ("saige_train_duration_seconds", "Wall time of the training loop (this process's run)."),
+    "trainable_parameters": ("saige_train_trainable_parameters", "Trainable (LoRA) parameters."),
+    "parameters": ("saige_train_parameters", "All parameters of the model, adapter included."),
+    "steps": ("saige_train_steps", "Optimizer steps done."),
+    "train_examples": ("saige_train_examples", "Training examples."),
+}
+
+
+class TrainingCollector(Collector):
+    """The train step's series, from its ``metrics.json``; ids only in ``saige_train_info``."""
+
+    def __init__(self, metrics: dict[str, Any], finished_at: float) -> None:
+        self.metrics = metrics
+        self.finished_at = finished_at
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        for key, (name, doc) in TRAINING_GAUGES.items():
+            if m.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=float(m[key]))
+        yield GaugeMetricFamily(
+            "saige_train_last_success_timestamp_seconds", "When a training run last finished.", value=self.finished_at
+        )
+        info = GaugeMetricFamily(
+            "saige_train_info", "The newest trained run (value 1).", labels=["base_model", "dataset_id", "run_id"]
+        )
+        info.add_metric([str(m.get("base_model") or ""), str(m.get("dataset_id") or ""), str(m.get("run_id") or "")], 1)
+        yield info
+
+
+def training_registry(metrics: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:
+    """The train step's series; the timestamp is ``metrics.json``'s ``finished_at`` when it has one."""
+    when = finished_at if finished_at is not None else metrics.get("finished_at")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TrainingCollector(metrics, time.time() if when is None else float(when)))
+    return registry
+
+
+class PipelineCollector(Collector):
+    def __init__(self, succeeded: bool, started: float, finished: float, last_success: float | None) -> None:
+        self.succeeded, self.started, self.finished, self.last_success = succeeded, started, finished, last_success
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "saige_pipeline_last_run_timestamp_seconds", "When the last pipeline run finished.", value=self.finished
+        )
+        yield GaugeMetricFamily(
+            "saige_pipeline_last_run_success",
+            "1 if the last pipeline run succeeded, 0 if it failed.",
+            value=1 if self.succeeded else 0,
+        )
+        yield GaugeMetricFamily(
+            "saige_pipeline_last_run_duration_seconds",
+            "Wall time of the last pipeline run.",
+            value=max(0.0, self.finished - self.started),
+        )
+        if self.last_success is not None:
+            yield GaugeMetricFamily(LAST_SUCCESS, "When a pipeline run last succeeded.", value=self.last_success)
+
+
+def pipeline_registry(
+    succeeded: bool, started: float, finished: float, last_success: float | None = None
+) -> CollectorRegistry:
+    """A run's pipeline series (epoch seconds). The last-success timestamp is ``finished`` for a
+    success; for a failure, ``last_success`` when given (an earlier success), else absent."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PipelineCollector(succeeded, started, finished, finished if succeeded else last_success))
+    return registry
+
+
+def push_pipeline_result(pipeline: str, gateway: str | None, succeeded: bool, started: float, finished: float) -> None:
+    """Push a finished run's pipeline group: PUT (replace) after a success; POST after a failure,
+    so the Pushgateway keeps the previous ``saige_pipeline_last_success_timestamp_seconds``.
+    A failed push is a warning, never an exception."""
+    push(pipeline_registry(succeeded, started, finished), gateway, PIPELINE_JOB, pipeline, replace=succeeded)
+
+
+def write_pipeline_textfile(directory: Path, pipeline: str, succeeded: bool, started: float, finished: float) -> Path:
+    """``directory/pipeline-<name>.prom``; after a failure it keeps the previous file's last success."""
+    target = directory / f"pipeline-{pipeline}.prom"
+    previous = None if succeeded else _read_value(target, LAST_SUCCESS)
+    return write_textfile(pipeline_registry(succeeded, started, finished, previous), directory, target.name)
+
+
+def _read_value(path: Path, name: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    return float(sample.value)
+    except ValueError:  # a damaged file: start afresh
+        return None
+    return None
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name a step can export, as it appears in the exposition (counters with
+    ``_total``; histograms as the base name and its ``_bucket``, ``_sum``, ``_count``), read
+    from the real registries built from representative records."""
+    suffixes = {"counter": ("_total",), "histogram": ("", "_bucket", "_sum", "_count")}
+    names: set[str] = set()
+    for registry in (
+        extraction_registry(_SAMPLE_MANIFEST, finished_at=0.0, min_examples=1),
+        training_registry(_SAMPLE_TRAINING, finished_at=0.0),
+        pipeline_registry(succeeded=True, started=0.0, finished=1.0),
+    ):
+        for family in registry.collect():
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+_SUMMARY = {"avg": 0.5}
+_HISTOGRAM = {"le": [0.5], "counts": [1, 0]}
+_SAMPLE_MANIFEST: dict[str, Any] = {
+    "dataset_id": "sample",
+    "format": "tinyllama",
+    "counts": {"scanned": 2, "kept": 1, "duplicates": 0, "train": 1, "eval": 0},
+    "invalid": {"sample": 1},
+    "removed": {"sample": 0},
+    "stats": {
+        "rows": 1,
+        "actual_harm": _SUMMARY,
+        "buddhist_weighted_score": _SUMMARY,
+        "harm_histogram": _HISTOGRAM,
+        "weighted_histogram": _HISTOGRAM,
+        "principles": {"sample": 5.0},
+        "alignment_ratio": {"good": 1.0},
+    },
+    "source_stats": {"rows": 2, "mean_harm": 0.5, "mean_weighted_score": 5.0, "alignment_ratio": {"good": 1.0}},
+    "duration_seconds": 1.0,
+    "rows_per_second": 2.0,
+}
+_SAMPLE_TRAINING: dict[str, Any] = {
+    **{key: 1.0 for key in TRAINING_GAUGES},
+    "base_model": "sample",
+    "dataset_id": "sample",
+    "run_id": "sample",
+}
+
+
+def write_textfile(registry: CollectorRegistry, directory: Path, name: str = TEXTFILE) -> Path:
+    """``directory/name`` (``metrics.prom``), replaced atomically."""
+    target = directory / name
+    tmp = directory / f".{name}.{os.getpid()}"
     tmp.write_bytes(generate_latest(registry))
     os.replace(tmp, target)
     return target
 
 
-def push(registry: CollectorRegistry, gateway: str | None, job: str, pipeline: str) -> bool:
-    """Replace this job's group on the Pushgateway; a failure is a warning, never the step's failure."""
+def push(registry: CollectorRegistry, gateway: str | None, job: str, pipeline: str, replace: bool = True) -> bool:
+    """Replace (PUT; ``replace=False``: update, POST) this job's group on the Pushgateway; a
+    failure is a warning, never the step's failure."""
     if not gateway:
         return False
+    send = push_to_gateway if replace else pushadd_to_gateway
     try:
-        push_to_gateway(gateway, job=job, grouping_key={"pipeline": pipeline}, registry=registry, timeout=10)
+        send(gateway, job=job, grouping_key={"pipeline": pipeline}, registry=registry, timeout=10)
     except Exception as exc:  # noqa: BLE001 - urllib raises several types; none may fail the step
         log.warning("could not push metrics to the Pushgateway: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return False

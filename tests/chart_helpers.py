@@ -18,54 +18,6 @@ SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CH
 RELEASE = "saige"
 NAMESPACE = "saige-ns"
 
-#: Every metric name the steps export. TODO: remove once saige_k8s.metrics.exported_metric_names
-#: (being added on the metrics branch) has landed on main; the tests prefer that function.
-_EXPECTED_METRIC_NAMES = {
-    "saige_extract_rows_scanned_total",
-    "saige_extract_rows_kept_total",
-    "saige_extract_rows_duplicate_total",
-    "saige_extract_rows_invalid_total",
-    "saige_extract_rows_removed_total",
-    "saige_dataset_examples",
-    *(f"saige_dataset_harm{s}" for s in ("", "_bucket", "_sum", "_count")),
-    "saige_dataset_harm_mean",
-    *(f"saige_dataset_weighted_score{s}" for s in ("", "_bucket", "_sum", "_count")),
-    "saige_dataset_weighted_score_mean",
-    "saige_dataset_principle_mean",
-    "saige_dataset_alignment_ratio",
-    "saige_source_rows",
-    "saige_source_harm_mean",
-    "saige_source_weighted_score_mean",
-    "saige_source_alignment_ratio",
-    "saige_extract_duration_seconds",
-    "saige_extract_rows_per_second",
-    "saige_extract_last_success_timestamp_seconds",
-    "saige_dataset_info",
-    "saige_dataset_min_examples",
-    "saige_train_loss",
-    "saige_train_eval_loss",
-    "saige_train_initial_eval_loss",
-    "saige_train_tokens_per_second",
-    "saige_train_duration_seconds",
-    "saige_train_trainable_parameters",
-    "saige_train_parameters",
-    "saige_train_steps",
-    "saige_train_examples",
-    "saige_train_last_success_timestamp_seconds",
-    "saige_train_info",
-    "saige_pipeline_last_run_timestamp_seconds",
-    "saige_pipeline_last_run_success",
-    "saige_pipeline_last_run_duration_seconds",
-    "saige_pipeline_last_success_timestamp_seconds",
-}
-
-
-def exported_metric_names() -> set[str]:
-    from saige_k8s import metrics
-
-    function = getattr(metrics, "exported_metric_names", None)
-    return function() if function is not None else set(_EXPECTED_METRIC_NAMES)
-
 
 def metric_names(expr: str) -> set[str]:
     """The saige_* series names a PromQL expression selects."""

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart_helpers import exported_metric_names, helm_binary, metric_names, one, render_scenario
+from saige_k8s.metrics import exported_metric_names
+from tests.chart_helpers import helm_binary, metric_names, one, render_scenario
 from tests.conftest import need_tool
 
 if helm_binary() is None:

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from saige_k8s.metrics import exported_metric_names
 from saige_k8s.spec import KubernetesSpec, parse_spec
 from tests.chart_helpers import (
     CHART,
@@ -22,7 +23,6 @@ from tests.chart_helpers import (
     ROOT,
     SCENARIOS,
     by_kind,
-    exported_metric_names,
     helm,
     helm_binary,
     metric_names,

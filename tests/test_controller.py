@@ -43,16 +43,16 @@ def _spec(**train: Any) -> Any:
 class Submission:
     """``controller.submit`` on a thread: it blocks the way it blocks a laptop's terminal."""
 
-    def __init__(self, cluster: Cluster, run: Run) -> None:
+    def __init__(self, cluster: Cluster, run: Run, pushgateway: str | None = None) -> None:
         self.messages: list[str] = []
         self.outcome: controller.Outcome | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, args=(cluster, run), daemon=True)
+        self.thread = threading.Thread(target=self._main, args=(cluster, run, pushgateway), daemon=True)
         self.thread.start()
 
-    def _main(self, cluster: Cluster, run: Run) -> None:
+    def _main(self, cluster: Cluster, run: Run, pushgateway: str | None) -> None:
         try:
-            self.outcome = controller.submit(cluster, run, self.messages.append)
+            self.outcome = controller.submit(cluster, run, self.messages.append, pushgateway=pushgateway)
         except BaseException as exc:
             self.error = exc
 

@@ -80,6 +80,8 @@ def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> No
     generated = merged.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert (run / "Modelfile").read_text().startswith("FROM ./merged\n")
+    assert "saige_train_steps 40.0" in (run / "metrics.prom").read_text()
+    assert "saige_pipeline_last_run_success 1.0" in (tmp_path / "data" / "metrics" / "pipeline-pipe.prom").read_text()
 
 
 def test_run_stops_below_min_examples(tmp_path: Path, tiny_model: Path) -> None:

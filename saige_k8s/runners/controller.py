@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
 
+from saige_k8s import metrics as prometheus
 from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
 from saige_k8s.runners.commands import check_min_examples
 from saige_k8s.runners.jobs import (
@@ -54,9 +56,22 @@ class Outcome:
     finished: list[Step] = field(default_factory=list)
 
 
-def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False) -> Outcome:
-    """Runs the pipeline's steps in order, each Job after the previous one succeeded."""
+def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False, pushgateway: str | None = None) -> Outcome:
+    """Runs the pipeline's steps in order, each Job after the previous one succeeded.
+
+    Afterwards, success or failure, the run's pipeline metrics go to ``pushgateway``.
+    """
     jobs = dict(zip(run.steps, pipeline_jobs(run), strict=True))  # every Job built before any is sent
+    started, succeeded = time.time(), False
+    try:
+        outcome = _run_steps(cluster, run, jobs, say, follow)
+        succeeded = True
+        return outcome
+    finally:
+        prometheus.push_pipeline_result(run.spec.name, pushgateway, succeeded, started, time.time())
+
+
+def _run_steps(cluster: Cluster, run: Run, jobs: dict[Step, client.V1Job], say: Say, follow: bool) -> Outcome:
     outcome = Outcome(run.run_id, cluster.namespace)
     for step, job in jobs.items():
         job.metadata.namespace = cluster.namespace

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saige_k8s import metrics as prometheus
 from saige_k8s.errors import RuntimeFailure, SaigeError
 from saige_k8s.runners.commands import (
     Programs,
@@ -27,6 +30,9 @@ from saige_k8s.spec import PipelineSpec
 from saige_k8s.training.devices import local_gpus
 
 log = logging.getLogger(__name__)
+
+#: Under the data root: the pipeline's metrics.prom-style file, pipeline-NAME.prom.
+METRICS_DIR = "metrics"
 
 
 class StepFailed(SaigeError):
@@ -45,17 +51,48 @@ class LocalRun:
     metrics: dict[str, Any]
 
 
-def run_local(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str | None = None) -> LocalRun:
+def run_local(
+    spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str | None = None, pushgateway: str | None = None
+) -> LocalRun:
+    """Run the pipeline's steps here; afterwards, success or failure, write and push its
+    pipeline metrics (a failure still raises its own error). The steps push their own
+    metrics to ``pushgateway`` too (passed on as ``$SAIGE_PUSHGATEWAY_URL``)."""
+    started = time.time()
+    succeeded = False
+    try:
+        result = _run(spec, spec_path, data_root, run_id or new_run_id(spec.name), pushgateway)
+        succeeded = True
+        return result
+    finally:
+        _record(spec.name, data_root, pushgateway, succeeded, started, time.time())
+
+
+def _record(
+    pipeline: str, data_root: Path, gateway: str | None, succeeded: bool, started: float, finished: float
+) -> None:
+    try:
+        directory = data_root / METRICS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        prometheus.write_pipeline_textfile(directory, pipeline, succeeded, started, finished)
+    except OSError as exc:
+        log.warning("could not write the pipeline metrics: %s", exc)
+    prometheus.push_pipeline_result(pipeline, gateway, succeeded, started, finished)
+
+
+def _run(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str, pushgateway: str | None) -> LocalRun:
     programs = Programs.local()
-    run_id = run_id or new_run_id(spec.name)
+    env = {**os.environ, prometheus.PUSHGATEWAY_ENV: pushgateway} if pushgateway else None
     data_root.mkdir(parents=True, exist_ok=True)
+    if spec.collect is not None:
+        # Locally the command runs as given; secret_env values must already be in this environment.
+        _step("collect", list(spec.collect.command), env={**os.environ, **(env or {}), **spec.collect.env})
     demo = spec.source.demo
     if demo is not None and spec.source.url and "://" not in spec.source.url:
         target = Path(spec.source.url).expanduser()
         if not target.exists():
             _step("demo-db", demo_db_command(programs, str(target), demo.rows, demo.seed))
     summary = json.loads(
-        _step("extract", extract_command(programs, str(spec_path), str(data_root), run_id), capture=True)
+        _step("extract", extract_command(programs, str(spec_path), str(data_root), run_id), capture=True, env=env)
         .strip()
         .splitlines()[-1]
     )
@@ -63,7 +100,9 @@ def run_local(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str 
     run_dir = data_root / "runs" / run_id
     processes = _local_processes(spec.train.gpus)
     _step(
-        "train", train_command(programs, str(spec_path), str(data_root), summary["dataset_id"], str(run_dir), processes)
+        "train",
+        train_command(programs, str(spec_path), str(data_root), summary["dataset_id"], str(run_dir), processes),
+        env=env,
     )
     if spec.train.export:
         _step("export", export_command(programs, str(run_dir)))
@@ -75,10 +114,10 @@ def _local_processes(gpus: int) -> int:
     return max(1, min(gpus, local_gpus()))
 
 
-def _step(name: str, command: list[str], capture: bool = False) -> str:
+def _step(name: str, command: list[str], capture: bool = False, env: dict[str, str] | None = None) -> str:
     log.info("step %s: %s", name, " ".join(command))
     try:
-        done = subprocess.run(command, stdout=subprocess.PIPE if capture else None, text=True, check=False)
+        done = subprocess.run(command, stdout=subprocess.PIPE if capture else None, text=True, check=False, env=env)
     except OSError as exc:
         raise RuntimeFailure(f"step {name} could not start: {exc}") from None
     if done.returncode != 0:

@@ -100,6 +100,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     eval_examples = tokenize_all(tokenizer, data, "eval", spec.max_seq_len, limit=spec.max_eval_examples)
     model = load_model(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parameters = model.get_nb_trainable_parameters()[1]  # peft counts 4-bit packed weights unpacked
     lengths = [len(e) for e in train_examples]
     batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
     per_process = batches_per_epoch // accelerator.num_processes or 1
@@ -175,11 +176,12 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     progress.close()
     epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
     duration = time.perf_counter() - started
+    train_seconds = time.perf_counter() - run_started  # the loop only: tokens/s is the training rate
     eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
-    train_seconds = time.perf_counter() - run_started
     metrics = {
         "dataset_id": data.manifest.get("dataset_id"),
         "dataset_path": str(data.path),
+        "run_id": options.run_dir.name,
         "format": data.format,
         "system_prompt": data.system,
         "base_model": spec.model,
@@ -194,11 +196,14 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         "tokens_per_second": (state.tokens - tokens_at_start) / train_seconds if train_seconds else None,
         "padding_waste": sum(waste) / len(waste) if waste else 0.0,
         "trainable_parameters": trainable,
+        "parameters": parameters,
         "processes": accelerator.num_processes,
         "device": str(accelerator.device),
         "duration_seconds": duration,
+        "train_seconds": train_seconds,
         "hyperparameters": spec.model_dump(),
         "log": state.log,
+        "finished_at": time.time(),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
