@@ -119,3 +119,41 @@ def test_demo_db_if_missing_keeps_an_existing_database(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "left as it is" in result.stdout
     assert hashlib.sha256(target.read_bytes()).hexdigest() == before
+
+
+def test_run_starts_with_the_collect_step_and_stops_when_it_fails(tmp_path: Path, demo_sqlite: str) -> None:
+    """The seed's first step (trainer.js episodes): a subprocess here, with the spec's env."""
+    marker = tmp_path / "collected"
+    collect = f"import os, pathlib; pathlib.Path({str(marker)!r}).write_text(os.environ['TRAINING_EPISODES'])"
+    spec = {
+        "name": "collect-test",
+        "source": {"url": demo_sqlite},
+        "extract": {"min_examples": 10**6},
+        "collect": {
+            "image": "unused-locally",
+            "command": [sys.executable, "-c", collect],
+            "env": {"TRAINING_EPISODES": "7"},
+        },
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(json.dumps(spec))
+    result = subprocess.run(
+        [sys.executable, "-m", "saige_k8s", "run", "-f", spec_path, "--data-root", tmp_path / "root"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert marker.read_text() == "7"  # collect ran first, with its env
+    assert result.returncode == 2  # then extract ran and the dataset was too small to train on
+    assert "below extract.min_examples" in result.stderr
+    spec["collect"]["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
+    spec_path.write_text(json.dumps(spec))
+    failed = subprocess.run(
+        [sys.executable, "-m", "saige_k8s", "run", "-f", spec_path, "--data-root", tmp_path / "root2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert "step collect failed with exit code 3" in failed.stderr
+    assert not (tmp_path / "root2" / "datasets").exists()
