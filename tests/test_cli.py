@@ -137,23 +137,18 @@ def test_run_starts_with_the_collect_step_and_stops_when_it_fails(tmp_path: Path
     }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(json.dumps(spec))
-    result = subprocess.run(
-        [sys.executable, "-m", "saige_k8s", "run", "-f", spec_path, "--data-root", tmp_path / "root"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def run(root: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "saige_k8s", "run", "-f", spec_path, "--data-root", root]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    result = run(tmp_path / "root")
     assert marker.read_text() == "7"  # collect ran first, with its env
     assert result.returncode == 2  # then extract ran and the dataset was too small to train on
     assert "below extract.min_examples" in result.stderr
     spec["collect"]["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
     spec_path.write_text(json.dumps(spec))
-    failed = subprocess.run(
-        [sys.executable, "-m", "saige_k8s", "run", "-f", spec_path, "--data-root", tmp_path / "root2"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    failed = run(tmp_path / "root2")
     assert failed.returncode == 1
     assert "step collect failed with exit code 3" in failed.stderr
     assert not (tmp_path / "root2" / "datasets").exists()
