@@ -232,6 +232,16 @@ def test_qlora_path_runs_on_cpu(training_root: Path, tmp_path: Path, bits: str) 
     assert metrics["hyperparameters"]["quantization"] == bits
 
 
+def test_runs_of_different_precision_in_one_process(training_root: Path, tmp_path: Path) -> None:
+    """Found on an H100, where "auto" is bf16 but a quantised run is not: accelerate's one-per-process
+    state refused the second run. Reproduced here with bf16 explicitly."""
+    first = run_cli(*_train_args(training_root, tmp_path / "bf16", "--precision", "bf16", "--max-steps", "2"))
+    assert first.exit_code == 0, first.output
+    second = run_cli(*_train_args(training_root, tmp_path / "q8", "--use-8bit", "--max-steps", "2"))
+    assert second.exit_code == 0, second.output
+    assert json.loads((tmp_path / "q8" / "metrics.json").read_text())["hyperparameters"]["quantization"] == "8bit"
+
+
 @pytest.mark.slow
 def test_two_processes_on_gloo(training_root: Path, tmp_path: Path) -> None:
     """The multi-GPU launch path, on two CPU processes: one process group, half the steps each."""

@@ -78,6 +78,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
 def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 - the loop reads best in one piece
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -85,6 +86,9 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     spec = options.spec
     dtype = compute_dtype(spec.precision)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    # accelerate keeps one precision per process; a second run here (tests, notebooks) may
+    # want another. Reset it, keeping the process group (PartialState) torchrun made.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # On a CPU, accelerate joins a torchrun/launch process group (gloo) only when told so.
         cpu=not torch.cuda.is_available(),
