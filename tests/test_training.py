@@ -95,6 +95,22 @@ def test_padding_is_never_a_label_even_when_pad_is_eos(tokenizer, training_root:
         assert all(tok == tokenizer.eos_token_id for tok in ids[n:]) and sum(mask) == n
 
 
+def test_gpu_batches_round_their_width_up_and_the_waste_counts_it(tokenizer, training_root: Path) -> None:
+    from saige_k8s.training.data import padding_waste
+
+    data = load_dataset_dir(training_root / "data" / "datasets" / "tinyllama")
+    examples = tokenize_all(tokenizer, data, "train", 512)[:6]
+    longest = max(len(e) for e in examples)
+    batch = collate(examples, pad_id=tokenizer.eos_token_id, multiple=8)
+    width = len(batch["input_ids"][0])
+    assert width % 8 == 0 and longest <= width < longest + 8
+    assert all(len(row) == width for key in batch for row in batch[key])
+    lengths = [len(e) for e in examples]
+    real = sum(lengths)
+    assert padding_waste(lengths, [range(6)], multiple=8) == pytest.approx(1 - real / (6 * width))
+    assert padding_waste(lengths, [range(6)]) == pytest.approx(1 - real / (6 * longest))
+
+
 def test_length_grouped_batches_cover_everything_with_little_padding(tokenizer, training_root: Path) -> None:
     data = load_dataset_dir(training_root / "data" / "datasets" / "mistral")
     lengths = [len(e) for e in tokenize_all(tokenizer, data, "train", 1024)]

@@ -184,16 +184,21 @@ def length_grouped_batches(
     return batches
 
 
-def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """``longest`` rounded up to ``multiple``: on a GPU, few distinct shapes (see ``loop.CUDA_PAD_MULTIPLE``)."""
+    return -(-longest // multiple) * multiple
+
+
+def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]], multiple: int = 1) -> float:
     """Share of the padded token grid that is padding."""
-    grid = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    grid = sum(padded_width(max(lengths[i] for i in batch), multiple) * len(batch) for batch in batches)
     real = sum(lengths[i] for batch in batches for i in batch)
     return 1 - real / grid if grid else 0.0
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, list[list[int]]]:
+def collate(examples: Sequence[Example], pad_id: int, multiple: int = 1) -> dict[str, list[list[int]]]:
     """Right-padded lists; the caller turns them into tensors on its device."""
-    width = max(len(e) for e in examples)
+    width = padded_width(max(len(e) for e in examples), multiple)
     return {
         "input_ids": [e.input_ids + [pad_id] * (width - len(e)) for e in examples],
         "labels": [e.labels + [IGNORE] * (width - len(e)) for e in examples],

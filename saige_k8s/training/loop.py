@@ -40,6 +40,9 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.json"
 STATE = "trainer_state.json"
+#: On a GPU every new sequence length costs a one-off setup (measured on an H100: bf16 autocast
+#: ran 5.8x slower than fp32 with a new length per batch), so batch widths round up to this.
+CUDA_PAD_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,15 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     tokens_at_start = state.tokens
     window_loss, window_batches = 0.0, 0
     progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
+    multiple = CUDA_PAD_MULTIPLE if accelerator.device.type == "cuda" else 1
     while state.step < total_steps:
         batches = length_grouped_batches(lengths, spec.batch_size, spec.seed, state.epoch)
         usable = len(batches) - len(batches) % accelerator.num_processes or len(batches)
         mine = batches[accelerator.process_index : usable : accelerator.num_processes]
-        waste.append(padding_waste(lengths, batches))
+        waste.append(padding_waste(lengths, batches, multiple))
         for index in range(state.batch_in_epoch, len(mine)):
             batch = _to_tensors(
-                collate([train_examples[i] for i in mine[index]], tokenizer.pad_token_id), accelerator.device
+                collate([train_examples[i] for i in mine[index]], tokenizer.pad_token_id, multiple), accelerator.device
             )
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
