@@ -431,17 +431,20 @@ def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> Non
     )
 
 
-def _cluster_options(func):  # noqa: ANN001 - a click decorator
+_NAMESPACE_DEFAULT = "the kubeconfig context's namespace, or the pod's with --in-cluster"
+
+
+def _cluster_options(func=None, namespace_default: str = _NAMESPACE_DEFAULT):  # noqa: ANN001 - a click decorator
     """Where the controller commands find the cluster; the same three flags on each."""
-    func = click.option(
-        "--in-cluster", is_flag=True, help="Use the pod's service account (the Helm chart's CronJob does)."
-    )(func)
-    func = click.option("--context", help="kubeconfig context [default: the current one].")(func)
-    return click.option(
-        "-n",
-        "--namespace",
-        help="Namespace [default: the spec's kubernetes.namespace, else the context's or the pod's].",
-    )(func)
+
+    def decorate(func):  # noqa: ANN001
+        func = click.option(
+            "--in-cluster", is_flag=True, help="Use the pod's service account (the Helm chart's CronJob does)."
+        )(func)
+        func = click.option("--context", help="kubeconfig context [default: the current one].")(func)
+        return click.option("-n", "--namespace", help=f"Namespace [default: {namespace_default}].")(func)
+
+    return decorate(func) if func is not None else decorate
 
 
 def _connect(namespace: str | None, context: str | None, in_cluster: bool):
@@ -459,7 +462,7 @@ _RUN_HELP = "Run id: Jobs are named RUN-STEP, and the dataset RUN [default: NAME
 
 @cli.command()
 @_spec_option("Pipeline spec (YAML) whose kubernetes: block says how the Jobs run.", required=True)
-@_cluster_options
+@_cluster_options(namespace_default="the spec's kubernetes.namespace, else " + _NAMESPACE_DEFAULT)
 @click.option("--run", "run_id", help=_RUN_HELP + " Submitting an existing run resumes it; no Job is duplicated.")
 @click.option(
     "--wait/--no-wait",
