@@ -204,7 +204,7 @@ class TrainPodSpec(PodSpec):
 
 
 class ImagesSpec(_Strict):
-    #: Runs collect-free steps without torch: extract, and the controller itself.
+    #: Has no torch: runs extract, the demo database and the controller itself.
     extract: str = "ghcr.io/saige-k8s/saige-k8s-extract:0.1.0"
     #: Runs train and export (CUDA, torch, bitsandbytes).
     train: str = "ghcr.io/saige-k8s/saige-k8s-train:0.1.0"
