@@ -183,6 +183,14 @@ def test_names_longer_than_63_characters_are_refused():
     assert "longer than 63" in result.stderr
 
 
+@pytest.mark.parametrize("run_id", ["Run-1", "run_1", "-run", "run-", "run.1"])
+def test_run_ids_that_are_not_dns_labels_are_refused(run_id):
+    result = run_cli("render", "-f", JOBS_DIR / "demo.yaml", "--run", run_id)
+    assert result.exit_code == 2
+    assert f"run id {run_id!r}" in result.stderr
+    assert result.stdout == ""
+
+
 def test_demo_spec_creates_its_database_on_the_volume_and_collect_runs_first():
     spec = load_spec(JOBS_DIR / "demo.yaml")
     extract = to_dict(construct_step_job(Run(spec, "d1"), "extract"))

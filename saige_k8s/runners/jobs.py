@@ -9,6 +9,7 @@ root and working directory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +35,7 @@ STEPS: tuple[Step, ...] = ("collect", "extract", "train", "export")
 CONTROLLER = "submit"
 
 MAX_NAME = 63
+RUN_ID = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SPEC_DIR = "/etc/saige"
 SPEC_FILE = "spec.yaml"
 SPEC_ANNOTATION = "saige.io/spec"
@@ -71,6 +73,9 @@ class Run:
 
 
 def job_name(run_id: str, step: str) -> str:
+    """RUN-STEP; the run id is also a label value and the dataset's directory name, so it must be a DNS label."""
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run id {run_id!r}: use lowercase letters, digits and '-', starting and ending alphanumeric")
     name = f"{run_id}-{step}"
     if len(name) > MAX_NAME:
         raise ConfigError(f"Job name {name!r} is longer than {MAX_NAME} characters: use a shorter run id or spec name")
