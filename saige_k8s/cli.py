@@ -434,17 +434,17 @@ def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> Non
 _NAMESPACE_DEFAULT = "the kubeconfig context's namespace, or the pod's with --in-cluster"
 
 
-def _cluster_options(func=None, namespace_default: str = _NAMESPACE_DEFAULT):  # noqa: ANN001 - a click decorator
+def _cluster_options(namespace_default: str = _NAMESPACE_DEFAULT):
     """Where the controller commands find the cluster; the same three flags on each."""
 
-    def decorate(func):  # noqa: ANN001
+    def decorate(func):  # noqa: ANN001 - a click decorator
         func = click.option(
             "--in-cluster", is_flag=True, help="Use the pod's service account (the Helm chart's CronJob does)."
         )(func)
         func = click.option("--context", help="kubeconfig context [default: the current one].")(func)
         return click.option("-n", "--namespace", help=f"Namespace [default: {namespace_default}].")(func)
 
-    return decorate(func) if func is not None else decorate
+    return decorate
 
 
 def _connect(namespace: str | None, context: str | None, in_cluster: bool):
@@ -515,7 +515,7 @@ def submit(
 
 @cli.command()
 @click.argument("run_id", metavar="[RUN]", required=False)
-@_cluster_options
+@_cluster_options()
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def status(run_id: str | None, namespace: str | None, context: str | None, in_cluster: bool, fmt: str) -> None:
     """Show the runs in the namespace (or one RUN) and the state of each step."""
@@ -539,7 +539,7 @@ def status(run_id: str | None, namespace: str | None, context: str | None, in_cl
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
-@_cluster_options
+@_cluster_options()
 @click.option("--step", type=click.Choice(["collect", "extract", "train", "export"]), help="[default: the latest]")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step's container ends.")
 def logs(
@@ -556,7 +556,7 @@ def logs(
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
-@_cluster_options
+@_cluster_options()
 def cancel(run_id: str, namespace: str | None, context: str | None, in_cluster: bool) -> None:
     """Stop a run: delete its Jobs and their pods (the datasets and checkpoints on the volume stay)."""
     from saige_k8s.runners.controller import cancel as cancel_run
