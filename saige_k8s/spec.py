@@ -122,7 +122,8 @@ class TrainSpec(_Strict):
 
 
 #: A Kubernetes object name (DNS-1123 label).
-DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DnsLabel = Annotated[str, Field(pattern=f"^{DNS_LABEL}$")]
 #: A Kubernetes resource quantity ("500m", "8Gi", 2).
 Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")]
 

@@ -27,7 +27,7 @@ from saige_k8s.runners.commands import (
     extract_command,
     train_command,
 )
-from saige_k8s.spec import KubernetesSpec, PipelineSpec, PodSpec, SecretRef, TrainPodSpec
+from saige_k8s.spec import DNS_LABEL, KubernetesSpec, PipelineSpec, PodSpec, SecretRef, TrainPodSpec
 
 Step = Literal["collect", "extract", "train", "export"]
 STEPS: tuple[Step, ...] = ("collect", "extract", "train", "export")
@@ -35,7 +35,6 @@ STEPS: tuple[Step, ...] = ("collect", "extract", "train", "export")
 CONTROLLER = "submit"
 
 MAX_NAME = 63
-RUN_ID = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SPEC_DIR = "/etc/saige"
 SPEC_FILE = "spec.yaml"
 SPEC_ANNOTATION = "saige.io/spec"
@@ -55,6 +54,13 @@ class Run:
     spec: PipelineSpec
     run_id: str
 
+    def __post_init__(self) -> None:
+        # Also a label value and the dataset's directory name, so a DNS label like the Jobs' names.
+        if not re.fullmatch(DNS_LABEL, self.run_id):
+            raise ConfigError(
+                f"run id {self.run_id!r}: use lowercase letters, digits and '-', starting and ending alphanumeric"
+            )
+
     def job_name(self, step: Step) -> str:
         return job_name(self.run_id, step)
 
@@ -73,9 +79,6 @@ class Run:
 
 
 def job_name(run_id: str, step: str) -> str:
-    """RUN-STEP; the run id is also a label value and the dataset's directory name, so it must be a DNS label."""
-    if not RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"run id {run_id!r}: use lowercase letters, digits and '-', starting and ending alphanumeric")
     name = f"{run_id}-{step}"
     if len(name) > MAX_NAME:
         raise ConfigError(f"Job name {name!r} is longer than {MAX_NAME} characters: use a shorter run id or spec name")

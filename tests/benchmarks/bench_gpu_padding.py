@@ -29,16 +29,6 @@ RUNNER = (
 )
 
 
-def dataset(work: Path, rows: int) -> Path:
-    """The demo database's defaults, as ``saige-k8s demo-db`` and ``extract`` make them."""
-    from saige_k8s.dataset.extract import ExtractRequest, extract
-    from saige_k8s.experiences.demo import DemoOptions, create_database
-
-    create_database(str(work / "saige.db"), DemoOptions(rows=rows, seed=0))
-    request = ExtractRequest(db=str(work / "saige.db"), data_root=work / "data", dataset_id="gpu", eval_fraction=0.05)
-    return extract(request).path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3000)
@@ -50,11 +40,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gpu_padding: needs a CUDA GPU (the multiple applies on CUDA only)", file=sys.stderr)
         return 2
-    from tests.benchmarks.bench_train import tiny_model
+    from saige_k8s.experiences.demo import DemoOptions
+    from tests.benchmarks.bench_train import prepare, tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = dataset(work, args.rows)
+        # The demo database's defaults, as `saige-k8s demo-db` makes them.
+        data = prepare(work, args.rows, "tinyllama", 0.05, DemoOptions.response_median_bytes)
         model = tiny_model(work, data)
         print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
         print("| precision | width multiple | tokens/s | padding waste | train s | eval loss |")

@@ -33,16 +33,16 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def prepare(work: Path, rows: int, fmt: str) -> Path:
+def prepare(work: Path, rows: int, fmt: str, eval_fraction: float = 0.1, response_median_bytes: int = 200) -> Path:
     from saige_k8s.dataset.extract import ExtractRequest, extract
     from saige_k8s.experiences.demo import DemoOptions, create_database
 
-    create_database(str(work / "saige.db"), DemoOptions(rows=rows, seed=0, response_median_bytes=200))
-    return extract(
-        ExtractRequest(
-            db=str(work / "saige.db"), data_root=work / "data", format=fmt, eval_fraction=0.1, dataset_id="bench"
-        )
-    ).path
+    demo = DemoOptions(rows=rows, seed=0, response_median_bytes=response_median_bytes)
+    create_database(str(work / "saige.db"), demo)
+    request = ExtractRequest(
+        db=str(work / "saige.db"), data_root=work / "data", format=fmt, eval_fraction=eval_fraction, dataset_id="bench"
+    )
+    return extract(request).path
 
 
 def tiny_model(work: Path, dataset: Path) -> str:
