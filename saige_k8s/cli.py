@@ -12,17 +12,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from types import UnionType
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import click
 
 from saige_k8s import __version__
+from saige_k8s.dataset.formats import FormatName
 from saige_k8s.errors import InputError, SaigeError
-from saige_k8s.experiences.filters import PRESETS
-from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
+from saige_k8s.experiences import is_sqlite_path
+from saige_k8s.experiences.filters import PRESETS, Filters, PresetName
 from saige_k8s.lifecycle import install_sigterm_handler
+from saige_k8s.spec import DATA_ROOT_ENV, STEP_NAMES, TrainSpec, resolve_data_root
 
-DATA_ROOT_ENV = "SAIGE_DATA_ROOT"
 log = logging.getLogger("saige_k8s")
 
 
@@ -94,11 +96,23 @@ def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: i
     """Create a synthetic SAIGE experience database (realistic scores, a few broken rows)."""
     from saige_k8s.experiences.demo import DemoOptions, create_database
 
-    if if_missing and "://" not in out and Path(out).expanduser().is_file():
+    if if_missing and is_sqlite_path(out) and Path(out).expanduser().is_file():
         click.echo(f"{out} exists; left as it is")
         return
     count = create_database(out, DemoOptions(rows=rows, seed=seed, response_median_bytes=response_median_bytes), table)
     click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
+
+
+def _data_root_option(note: str = "", *aliases: str):
+    """--data-root, the shared volume's root, the same way on every command."""
+    sentence = f" {note}" if note else ""
+    return click.option(
+        "--data-root",
+        *aliases,
+        "data_root",
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"Shared volume root.{sentence} [default: ${DATA_ROOT_ENV}, the spec's data_root, or ./saige-data]",
+    )
 
 
 def _pushgateway_option(what: str, also: str):
@@ -116,48 +130,43 @@ def _spec_option(help_text: str, required: bool = False):
     )
 
 
-def _threshold_options(func):  # noqa: ANN001 - a click decorator
-    for component in reversed(HARM_COMPONENTS):
-        func = click.option(f"--max-{component}", type=float, help=f"Keep {component} < this (NULL passes).")(func)
-    for principle in reversed(PRINCIPLES):
-        func = click.option(f"--min-{principle}", type=float, help=f"Keep {principle} >= this (0-10).")(func)
-    return func
+def _choices(annotation: Any) -> click.Choice:
+    """A click choice from a Literal type, so the flags offer exactly what the spec accepts."""
+    return click.Choice(list(get_args(annotation)))
+
+
+def _plain_type(annotation: Any) -> Any:
+    """``Annotated[float, ...] | None`` -> ``float``: the type a flag parses."""
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _filter_options(func):  # noqa: ANN001 - a click decorator
+    """--preset and one flag per threshold of Filters, with the Filters' own help and defaults."""
+    for name, field in reversed(Filters.model_fields.items()):
+        if name == "principle_weights":  # a mapping: set it in the spec
+            continue
+        kind = _plain_type(field.annotation)
+        option_type: Any = _choices(kind) if get_origin(kind) is Literal else kind
+        default = f" [default: {field.default}]" if field.default is not None else ""
+        help_text = f"{(field.description or '').rstrip('.')}{default}."
+        func = click.option(f"--{name.replace('_', '-')}", type=option_type, help=help_text)(func)
+    presets = ", ".join(
+        f"{name} {v['max_harm']}/{v['min_buddhist']}/{v['min_alignment']}" for name, v in PRESETS.items()
+    )
+    return click.option("--preset", type=_choices(PresetName), help=f"Filter thresholds: {presets}.")(func)
 
 
 @cli.command()
 @_spec_option("Pipeline spec (YAML); flags override its values.")
 @click.option("--db", metavar="PATH_OR_URL", help="SQLite file or SQLAlchemy URL [default: $SAIGE_DB_URL].")
 @click.option("--table", help="Experiences table [default: experiences].")
-@click.option(
-    "--preset",
-    type=click.Choice(list(PRESETS)),
-    help="Filter thresholds: permissive 0.4/5.0/moderate, default 0.3/6.0/good, strict 0.25/6.5/good, "
-    "elite 0.2/7.5/excellent.",
-)
-@click.option("--max-harm", type=float, help="Keep actual_harm < this (0-1) [default: 0.3].")
-@click.option("--min-buddhist", type=float, help="Keep weighted Buddhist score >= this (0-10) [default: 6.0].")
-@click.option(
-    "--min-alignment",
-    type=click.Choice(["excellent", "good", "moderate", "poor", "harmful"]),
-    help="Keep this alignment and better [default: good].",
-)
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many examples (in id order).")
-@_threshold_options
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["tinyllama", "mistral", "llama3"]),
-    help="Chat format of the text column [default: tinyllama].",
-)
+@_filter_options
+@click.option("--format", "fmt", type=_choices(FormatName), help="Chat format of the text column [default: tinyllama].")
 @click.option("--system-prompt", help="System prompt for formats with a system turn.")
 @click.option("--eval-fraction", type=float, help="Share of examples held out for eval, by id hash [default: 0.05].")
-@click.option(
-    "--data-root",
-    "--out",
-    "data_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Shared volume root; the dataset goes to DATA_ROOT/datasets/ID [default: ${DATA_ROOT_ENV} or ./saige-data].",
-)
+@_data_root_option("The dataset goes to DATA_ROOT/datasets/ID.", "--out")
 @click.option("--dataset-id", help="Name of the dataset directory [default: UTC timestamp + random suffix].")
 @click.option(
     "--csv",
@@ -212,12 +221,12 @@ def extract(
     filters = spec.extract.filters.resolve(**thresholds)
     request = ExtractRequest(
         db=db or spec.source.url,
-        data_root=data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root),
+        data_root=resolve_data_root(data_root, spec),
         table=table or spec.source.table,
         db_schema=spec.source.db_schema,
         columns=spec.source.columns,
         filters=filters,
-        format=fmt or spec.extract.format,  # type: ignore[arg-type]
+        format=fmt or spec.extract.format,  # type: ignore[arg-type]  # a click choice of FormatName
         system_prompt=spec.extract.system_prompt if system_prompt is None else system_prompt,
         eval_fraction=_eval_fraction(spec.extract.eval_fraction if eval_fraction is None else eval_fraction),
         dataset_id=dataset_id,
@@ -253,9 +262,8 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def _train_options(func):  # noqa: ANN001 - a click decorator
     """The train flags; each overrides the spec's ``train:`` key of the same name."""
-    from saige_k8s.spec import TrainSpec
-
     default = TrainSpec()
+    fields = TrainSpec.model_fields
     flags = [
         (
             "--model",
@@ -271,7 +279,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
         (
             "--lr-scheduler",
             {
-                "type": click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
+                "type": _choices(fields["lr_scheduler"].annotation),
                 "help": f"[default: {default.lr_scheduler}]",
             },
         ),
@@ -297,7 +305,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
         (
             "--precision",
             {
-                "type": click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                "type": _choices(fields["precision"].annotation),
                 "help": "auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on a CPU.",
             },
         ),
@@ -335,11 +343,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
     metavar="DIR|ID|LATEST",
     help="Dataset directory, an id or LATEST under DATA_ROOT/datasets, or the CSV of extract --csv.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Shared volume root [default: ${DATA_ROOT_ENV}, the spec's data_root, or ./saige-data].",
-)
+@_data_root_option()
 @click.option(
     "--output-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -381,7 +385,7 @@ def train(
     if target_modules:
         flags["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
     train_spec = override_train(spec.train, flags)
-    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root)
+    root = resolve_data_root(data_root, spec)
     dataset_dir = resolve_dataset(root, dataset)
     run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(train_spec.model)}"
     metrics = run_train(TrainOptions(dataset=dataset_dir, run_dir=run_dir, spec=train_spec, progress=True))
@@ -392,43 +396,46 @@ def train(
     registry = prometheus.training_registry(metrics)
     prometheus.write_textfile(registry, run_dir)
     prometheus.push(registry, pushgateway, prometheus.TRAIN_JOB, spec.name)
-    before, after = metrics["eval_loss_before"], metrics["eval_loss"]
+    click.echo(_trained(metrics, run_dir))
+
+
+def _trained(metrics: dict[str, Any], run_dir: Path | str) -> str:
+    """What a training run did, for ``train`` and ``run`` alike (no eval split: no eval loss)."""
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss")
     evaluation = f", eval loss {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
-    click.echo(
+    return (
         f"Trained {metrics['steps']} steps on {metrics['train_examples']} examples "
-        f"({metrics['tokens_per_second']:.0f} tokens/s{evaluation}); adapter in {run_dir / 'adapter'}"
+        f"({metrics['tokens_per_second']:.0f} tokens/s{evaluation}); adapter in {Path(run_dir) / 'adapter'}"
     )
 
 
 @cli.command()
 @_spec_option("Pipeline spec (YAML), e.g. jobs/demo.yaml.", required=True)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or the spec's data_root].",
-)
+@_data_root_option()
 @_pushgateway_option(
     "every step's metrics and the pipeline's result",
     "DATA_ROOT/metrics/pipeline-NAME.prom is always written",
 )
 def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> None:
-    """Run the pipeline on this machine: (demo database,) extract, then train (then export).
+    """Run the pipeline on this machine: (collect,) extract, then train (then export).
 
-    Each step is a subprocess running the same command a Kubernetes pod would run. After
-    the run, success or failure, the pipeline's metrics are written and pushed.
+    Each step is a process running the same command a Kubernetes pod would run; its output
+    goes to the terminal and to DATA_ROOT/pipelines/RUN/STEP.log (`saige-k8s status --local`
+    and `logs --local RUN` read them). After the run, success or failure, the pipeline's
+    metrics are written and pushed.
     """
     from saige_k8s.runners.local import run_local
-    from saige_k8s.spec import load_spec
+    from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
-    root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or spec.data_root)
-    result = run_local(spec, spec_path, root, pushgateway=pushgateway)
-    metrics = result.metrics
-    click.echo(
-        f"Pipeline {result.run_id}: dataset {result.dataset['dataset_id']} ({result.dataset['kept']} examples), "
-        f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}; adapter in "
-        f"{result.run_dir / 'adapter'}"
-    )
+    root = resolve_data_root(data_root, spec)
+    run_id = new_run_id(spec.name)
+    _say(f"run {run_id} in {root}")
+    outcome = run_local(spec, spec_path, root, run_id, _say, pushgateway=pushgateway)
+    run_dir = root / "runs" / run_id
+    dataset = outcome.dataset
+    trained = _trained(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")), run_dir)
+    click.echo(f"Pipeline {run_id}: dataset {dataset['dataset_id']} ({dataset['kept']} examples). {trained}")
 
 
 _NAMESPACE_DEFAULT = "the kubeconfig context's namespace, or the pod's with --in-cluster"
@@ -447,10 +454,30 @@ def _cluster_options(namespace_default: str = _NAMESPACE_DEFAULT):
     return decorate
 
 
+def _backend_options(func):  # noqa: ANN001 - a click decorator
+    """The cluster's flags, or --local / --data-root for the runs of `saige-k8s run` on this machine."""
+    func = _data_root_option("Where the local runs are; implies --local.")(func)
+    func = click.option("--local", is_flag=True, help="The runs of `saige-k8s run` on this machine, not a cluster's.")(
+        func
+    )
+    return _cluster_options()(func)
+
+
 def _connect(namespace: str | None, context: str | None, in_cluster: bool):
     from saige_k8s.runners.kubernetes import Cluster
 
     return Cluster.connect(context=context, in_cluster=in_cluster, namespace=namespace)
+
+
+def _backend(options: dict[str, Any]):
+    """The local runs under a data root, or the cluster's namespace."""
+    if options["local"] or options["data_root"] is not None:
+        from saige_k8s.runners.local import LocalBackend
+
+        return LocalBackend(resolve_data_root(options["data_root"]))
+    from saige_k8s.runners.controller import KubernetesBackend
+
+    return KubernetesBackend(_connect(options["namespace"], options["context"], options["in_cluster"]))
 
 
 def _say(message: str) -> None:
@@ -490,13 +517,13 @@ def submit(
     input (or the dataset is below extract.min_examples); 1 for other failures.
     """
     from saige_k8s.runners import controller
-    from saige_k8s.runners.commands import new_run_id
-    from saige_k8s.runners.jobs import Run
-    from saige_k8s.spec import load_spec
+    from saige_k8s.runners.backend import Run
+    from saige_k8s.runners.jobs import job_name, run_dir
+    from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
     run = Run(spec, run_id or new_run_id(spec.name))
-    run.job_name("extract")  # a name too long is a usage error before anything is sent
+    job_name(run.run_id, "extract")  # a name too long is a usage error before anything is sent
     cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster)
     _say(f"run {run.run_id} in namespace {cluster.namespace}")
     if not wait:
@@ -508,27 +535,26 @@ def submit(
     outcome = controller.submit(cluster, run, _say, follow=follow, pushgateway=gateway)
     click.echo(
         f"run {run.run_id} succeeded: dataset {outcome.dataset.get('dataset_id', run.dataset_id)} "
-        f"({outcome.dataset.get('kept', '?')} examples); adapter in {run.run_dir}/adapter "
+        f"({outcome.dataset.get('kept', '?')} examples); adapter in {run_dir(run)}/adapter "
         f"on volume {spec.kubernetes.claim_name}"
     )
 
 
 @cli.command()
 @click.argument("run_id", metavar="[RUN]", required=False)
-@_cluster_options()
+@_backend_options
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def status(run_id: str | None, namespace: str | None, context: str | None, in_cluster: bool, fmt: str) -> None:
-    """Show the runs in the namespace (or one RUN) and the state of each step."""
+def status(run_id: str | None, fmt: str, **where: Any) -> None:
+    """Show the runs in the namespace (or under the data root, with --local) and the state of each step."""
     from dataclasses import asdict
 
-    from saige_k8s.runners.controller import status as run_status
-
-    rows = run_status(_connect(namespace, context, in_cluster), run_id)
+    backend = _backend(where)
+    rows = backend.status(run_id)
     if fmt == "json":
         click.echo(json.dumps([asdict(row) for row in rows]))
         return
     if not rows:
-        _say("no saige-k8s runs in this namespace" if run_id is None else f"no run {run_id!r} in this namespace")
+        _say(f"no saige-k8s runs in {backend.where}" if run_id is None else f"no run {run_id!r} in {backend.where}")
         return
     header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
     table = [header, *[(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]]
@@ -539,30 +565,28 @@ def status(run_id: str | None, namespace: str | None, context: str | None, in_cl
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
-@_cluster_options()
-@click.option("--step", type=click.Choice(["collect", "extract", "train", "export"]), help="[default: the latest]")
-@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step's container ends.")
-def logs(
-    run_id: str, namespace: str | None, context: str | None, in_cluster: bool, step: str | None, follow: bool
-) -> None:
-    """Print the log of a run's step (its newest pod)."""
-    from saige_k8s.runners.controller import logs as run_logs
-
-    pod, lines = run_logs(_connect(namespace, context, in_cluster), run_id, step, follow)  # type: ignore[arg-type]
-    _say(f"pod {pod}:")
+@_backend_options
+@click.option("--step", type=click.Choice(STEP_NAMES), help="[default: the latest]")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step ends.")
+def logs(run_id: str, step: str | None, follow: bool, **where: Any) -> None:
+    """Print the log of a run's step (its newest pod, or its log file with --local)."""
+    source, lines = _backend(where).logs(run_id, step, follow)  # type: ignore[arg-type]  # a choice of STEP_NAMES
+    _say(f"{'log' if where['local'] or where['data_root'] else 'pod'} {source}:")
     for line in lines:
         click.echo(line)
 
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
-@_cluster_options()
-def cancel(run_id: str, namespace: str | None, context: str | None, in_cluster: bool) -> None:
-    """Stop a run: delete its Jobs and their pods (the datasets and checkpoints on the volume stay)."""
-    from saige_k8s.runners.controller import cancel as cancel_run
+@_backend_options
+def cancel(run_id: str, **where: Any) -> None:
+    """Stop a run: delete its Jobs and their pods, or stop its running step with --local.
 
-    for name in cancel_run(_connect(namespace, context, in_cluster), run_id):
-        click.echo(f"deleted Job {name}")
+    The datasets and checkpoints on the volume stay.
+    """
+    local = where["local"] or where["data_root"] is not None
+    for name in _backend(where).cancel(run_id):
+        click.echo(f"stopped {name}" if local else f"deleted Job {name}")
 
 
 @cli.command()
@@ -574,9 +598,9 @@ def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str)
     """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works)."""
     import yaml
 
-    from saige_k8s.runners.commands import new_run_id
-    from saige_k8s.runners.jobs import Run, pipeline_jobs, to_dict
-    from saige_k8s.spec import load_spec
+    from saige_k8s.runners.backend import Run
+    from saige_k8s.runners.jobs import pipeline_jobs, to_dict
+    from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
     jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))]
@@ -606,11 +630,7 @@ def export(run_dir: Path, out: Path | None) -> None:
 
 @cli.command()
 @click.option("--dataset", metavar="DIR|ID|LATEST", help="Count the examples of this dataset.")
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Shared volume root [default: ${DATA_ROOT_ENV} or ./saige-data].",
-)
+@_data_root_option()
 @click.option("--examples", type=click.IntRange(min=0), help="Or give the number of examples directly.")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), help="GPU memory per GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
@@ -625,7 +645,7 @@ def recommend(
     if dataset is not None:
         from saige_k8s.dataset.writer import MANIFEST, resolve_dataset
 
-        root = data_root or Path(os.environ.get(DATA_ROOT_ENV) or "./saige-data")
+        root = resolve_data_root(data_root)
         path = resolve_dataset(root, dataset)
         manifest = json.loads((path / MANIFEST).read_text())
         examples = int(manifest["counts"]["train"])

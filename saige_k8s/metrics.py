@@ -257,6 +257,22 @@ def push_pipeline_result(pipeline: str, gateway: str | None, succeeded: bool, st
     push(pipeline_registry(succeeded, started, finished), gateway, PIPELINE_JOB, pipeline, replace=succeeded)
 
 
+def record_pipeline_result(
+    pipeline: str, directory: Path | None, gateway: str | None, succeeded: bool, started: float, finished: float
+) -> None:
+    """After a run, success or failure: the text file in ``directory`` (when given), then the push.
+
+    Neither may turn a run's outcome into another error: a failure to record is a warning.
+    """
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_pipeline_textfile(directory, pipeline, succeeded, started, finished)
+        except OSError as exc:
+            log.warning("could not write the pipeline metrics: %s", exc)
+    push_pipeline_result(pipeline, gateway, succeeded, started, finished)
+
+
 def write_pipeline_textfile(directory: Path, pipeline: str, succeeded: bool, started: float, finished: float) -> Path:
     """``directory/pipeline-<name>.prom``; after a failure it keeps the previous file's last success."""
     target = directory / f"pipeline-{pipeline}.prom"

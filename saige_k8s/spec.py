@@ -6,15 +6,21 @@ the CLI builds from flags; flags given on the command line override the spec's v
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
-from saige_k8s.errors import ConfigError
-from saige_k8s.experiences.filters import PRESETS, Alignment, Filters, Harm, PresetName, Score
+from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.experiences import is_sqlite_path
+from saige_k8s.experiences.filters import PRESETS, Filters, PresetName
 
 
 class _Strict(BaseModel):
@@ -31,27 +37,13 @@ class SourceSpec(_Strict):
     demo: DemoSourceSpec | None = None
 
 
-class FilterSpec(_Strict):
+class _FilterSpecBase(_Strict):
     """A preset, and any thresholds that differ from it."""
 
     preset: PresetName = "default"
-    max_harm: Harm | None = None
-    min_buddhist: Score | None = None
-    min_alignment: Alignment | None = None
-    limit: Annotated[int, Field(gt=0)] | None = None
-    max_deception: Harm | None = None
-    max_harshness: Harm | None = None
-    max_omission: Harm | None = None
-    max_manipulation: Harm | None = None
-    min_ahimsa: Score | None = None
-    min_sacca: Score | None = None
-    min_karuna: Score | None = None
-    min_panna: Score | None = None
-    min_upekkha: Score | None = None
-    principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] | None = None
 
     @model_validator(mode="after")
-    def _resolvable(self) -> FilterSpec:
+    def _resolvable(self) -> _FilterSpecBase:
         """Cross-field checks (weights) at load time, so the error carries the spec path."""
         Filters.from_preset(self.preset, **self.model_dump(exclude={"preset"}, exclude_none=True))
         return self
@@ -62,12 +54,28 @@ class FilterSpec(_Strict):
         values.update({k: v for k, v in flags.items() if v is not None and k != "preset"})
         preset = flags.get("preset") or self.preset
         try:
-            return Filters.from_preset(preset, **values)  # type: ignore[arg-type]
+            return Filters.from_preset(preset, **values)  # type: ignore[arg-type]  # a flag's choice: a PresetName
         except ValidationError as exc:
             # The spec's own values were checked on load: what fails here came from a flag.
             first = exc.errors()[0]
             flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "filters"
             raise ConfigError(f"{flag}: {_message(first)}") from None
+
+
+def _optional(annotation: Any, constraints: list[Any]) -> Any:
+    return (Annotated[annotation, *constraints] if constraints else annotation) | None
+
+
+#: Every threshold of ``Filters``, optional: what a spec leaves out comes from its preset.
+FilterSpec = create_model(
+    "FilterSpec",
+    __base__=_FilterSpecBase,
+    __doc__=_FilterSpecBase.__doc__,
+    **{
+        name: (_optional(field.annotation, field.metadata), Field(None, description=field.description))
+        for name, field in Filters.model_fields.items()
+    },
+)
 
 
 class ExtractSpec(_Strict):
@@ -168,27 +176,6 @@ class PodSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-#: Each step's pod defaults; a spec's own values are merged over them key by key (as Helm merges values).
-STEP_POD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "collect": {
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-        "active_deadline_seconds": 6 * 3600,
-    },
-    "extract": {
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "active_deadline_seconds": 2 * 3600,
-    },
-    "train": {
-        "resources": {"requests": {"cpu": "4", "memory": "24Gi"}, "limits": {"memory": "32Gi"}},
-        "active_deadline_seconds": 48 * 3600,
-    },
-    "export": {
-        "resources": {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi"}},
-        "active_deadline_seconds": 2 * 3600,
-    },
-}
-
-
 def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     merged = dict(defaults)
     for key, value in given.items():
@@ -236,10 +223,10 @@ class KubernetesSpec(_Strict):
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
     #: Numeric user and group of every container (the images create user 10001).
     run_as_user: Annotated[int, Field(ge=1)] = 10001
-    extract: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["extract"]))
-    train: TrainPodSpec = Field(default_factory=lambda: TrainPodSpec(**STEP_POD_DEFAULTS["train"]))
-    export: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["export"]))
-    collect: PodSpec = Field(default_factory=lambda: PodSpec(**STEP_POD_DEFAULTS["collect"]))
+    extract: PodSpec = Field(default_factory=lambda: _default_pod("extract"))
+    train: TrainPodSpec = Field(default_factory=lambda: _default_pod("train"))
+    export: PodSpec = Field(default_factory=lambda: _default_pod("export"))
+    collect: PodSpec = Field(default_factory=lambda: _default_pod("collect"))
 
     @model_validator(mode="before")
     @classmethod
@@ -248,11 +235,16 @@ class KubernetesSpec(_Strict):
         if not isinstance(data, dict):
             return data
         return {
-            key: _merged(STEP_POD_DEFAULTS[key], value)
-            if key in STEP_POD_DEFAULTS and isinstance(value, dict)
+            key: _merged(STEP_TABLE[key].pod_defaults, value)
+            if key in STEP_TABLE and isinstance(value, dict)
             else value
             for key, value in data.items()
         }
+
+    def pod(self, step: StepName) -> PodSpec:
+        """The step's pod block (every step has one, named after it)."""
+        pod: PodSpec = getattr(self, step)
+        return pod
 
 
 class CollectSpec(_Strict):
@@ -278,6 +270,247 @@ class PipelineSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     collect: CollectSpec | None = None
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+
+
+# -- The pipeline's steps ----------------------------------------------------------------------
+#
+# Each step is declared once, below: its command line, image, GPU use, when it runs, what it
+# hands the steps after it, and its pod defaults. Both runners (local processes, Kubernetes
+# Jobs) read this table, so a step runs with the same arguments wherever it runs.
+
+StepName = Literal["collect", "extract", "train", "export"]
+
+#: Where every step finds the shared volume when no flag names it.
+DATA_ROOT_ENV = "SAIGE_DATA_ROOT"
+
+
+def resolve_data_root(given: Path | None, spec: PipelineSpec | None = None) -> Path:
+    """A flag wins, then $SAIGE_DATA_ROOT, then the spec's data_root (./saige-data by default)."""
+    return given or Path(os.environ.get(DATA_ROOT_ENV) or (spec.data_root if spec else PipelineSpec().data_root))
+
+
+@dataclass(frozen=True)
+class Programs:
+    """How to start the CLI, and how to start it once per GPU."""
+
+    cli: tuple[str, ...]
+    distributed: tuple[str, ...]
+
+    @classmethod
+    def local(cls) -> Programs:
+        return cls((sys.executable, "-m", "saige_k8s"), (sys.executable, "-m", "torch.distributed.run"))
+
+    @classmethod
+    def image(cls) -> Programs:
+        return cls(("saige-k8s",), ("torchrun",))
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step's command line is made of where it runs (this machine, or a pod)."""
+
+    spec: PipelineSpec
+    programs: Programs
+    spec_path: str
+    data_root: str
+    run_id: str
+    #: Processes of a GPU step: one per GPU it gets.
+    processes: int = 1
+    #: Where a step that reports writes its one-line JSON summary.
+    summary_file: str | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        return self.run_id
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.data_root.rstrip('/')}/runs/{self.run_id}"
+
+
+def _always(spec: PipelineSpec) -> bool:
+    return True
+
+
+def _nothing(spec: PipelineSpec) -> dict[str, Any]:
+    return {}
+
+
+def _no_preparation(context: StepContext) -> list[str] | None:
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One pipeline step, as both runners see it."""
+
+    name: StepName
+    command: Callable[[StepContext], list[str]]
+    image: Callable[[PipelineSpec], str]
+    #: Resources and deadline of its pod (a spec's own values merge over them key by key).
+    pod_defaults: Mapping[str, Any]
+    enabled: Callable[[PipelineSpec], bool] = _always
+    #: Gets GPUs (train.gpus of them), an in-memory /dev/shm, and one process per GPU.
+    gpu: bool = False
+    #: Writes a one-line JSON summary (to StepContext.summary_file) that the steps after it need.
+    reports: bool = False
+    #: Looks at that summary before the next step starts, and raises to end the run there.
+    check: Callable[[PipelineSpec, dict[str, Any]], None] | None = None
+    #: A command that runs first, in the same place (an init container on Kubernetes).
+    prepare: Callable[[StepContext], list[str] | None] = _no_preparation
+    #: Plain environment variables of the step's process.
+    env: Callable[[PipelineSpec], dict[str, str]] = _nothing
+    #: Environment variables that come from Kubernetes Secrets (locally: already in the environment).
+    secret_env: Callable[[PipelineSpec], dict[str, SecretRef | None]] = _nothing
+    #: Downloads models: the Hugging Face cache goes on the shared volume, and it gets $HF_TOKEN.
+    uses_models: bool = False
+    #: Pushes its own metrics (gets $SAIGE_PUSHGATEWAY_URL).
+    pushes_metrics: bool = False
+
+
+def new_run_id(name: str, now: dt.datetime | None = None) -> str:
+    """NAME-YYYYMMDD-HHMMSS (UTC): also the run's dataset id and its Jobs' name prefix."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{name}-{now:%Y%m%d-%H%M%S}"
+
+
+def check_min_examples(summary: dict[str, Any], min_examples: int) -> None:
+    """Training on too few examples wastes GPU time and teaches little: the run stops here."""
+    if summary["kept"] < min_examples:
+        raise InputError(
+            f"dataset {summary['dataset_id']} has {summary['kept']} examples, below extract.min_examples "
+            f"({min_examples}); not training (collect more experiences or relax the filters)"
+        )
+
+
+def demo_db_command(programs: Programs, target: str, rows: int, seed: int) -> list[str]:
+    """Creates the demo database once (``--if-missing``), so a demo pipeline runs anywhere."""
+    command = [*programs.cli, "demo-db", "--out", target, "--rows", str(rows), "--seed", str(seed)]
+    return [*command, "--if-missing"]
+
+
+def extract_command(
+    programs: Programs, spec_path: str, data_root: str, dataset_id: str, summary_file: str | None = None
+) -> list[str]:
+    """Prints a one-line JSON summary (dataset id and counts) on stdout, and into ``summary_file``.
+
+    A rerun of the same run finds its dataset published and reports it (``--reuse-existing``).
+    """
+    command = [*programs.cli, "extract", "-f", spec_path, "--data-root", data_root, "--dataset-id", dataset_id]
+    command += ["--reuse-existing", "--json"]
+    return [*command, "--summary-file", summary_file] if summary_file else command
+
+
+def train_command(
+    programs: Programs, spec_path: str, data_root: str, dataset_id: str, run_dir: str, processes: int = 1
+) -> list[str]:
+    """One process, or ``processes`` of them under torchrun (one per GPU)."""
+    args = ["train", "-f", spec_path, "--data-root", data_root, "--dataset", dataset_id, "--output-dir", run_dir]
+    if processes > 1:
+        return [*programs.distributed, "--standalone", "--nproc_per_node", str(processes), "-m", "saige_k8s", *args]
+    return [*programs.cli, *args]
+
+
+def export_command(programs: Programs, run_dir: str) -> list[str]:
+    return [*programs.cli, "export", run_dir]
+
+
+def _prepare_demo_db(context: StepContext) -> list[str] | None:
+    source = context.spec.source
+    if source.demo is None or not is_sqlite_path(source.url):
+        return None
+    assert source.url is not None
+    return demo_db_command(context.programs, source.url, source.demo.rows, source.demo.seed)
+
+
+def _collect_command(context: StepContext) -> list[str]:
+    assert context.spec.collect is not None
+    return list(context.spec.collect.command)
+
+
+def _collect_image(spec: PipelineSpec) -> str:
+    assert spec.collect is not None
+    return spec.collect.image
+
+
+def _extract_image(spec: PipelineSpec) -> str:
+    return spec.kubernetes.images.extract
+
+
+def _train_image(spec: PipelineSpec) -> str:
+    return spec.kubernetes.images.train
+
+
+def _pod_defaults(hours: int, cpu: str, memory: str, memory_limit: str) -> dict[str, Any]:
+    return {
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory_limit}},
+        "active_deadline_seconds": hours * 3600,
+    }
+
+
+#: The steps, in the order a run takes them.
+STEPS: tuple[Step, ...] = (
+    Step(
+        name="collect",
+        command=_collect_command,
+        image=_collect_image,
+        pod_defaults=_pod_defaults(6, "1", "1Gi", "2Gi"),
+        enabled=lambda spec: spec.collect is not None,
+        env=lambda spec: dict(spec.collect.env) if spec.collect else {},
+        secret_env=lambda spec: dict(spec.collect.secret_env) if spec.collect else {},
+    ),
+    Step(
+        name="extract",
+        command=lambda c: extract_command(c.programs, c.spec_path, c.data_root, c.dataset_id, c.summary_file),
+        image=_extract_image,
+        pod_defaults=_pod_defaults(2, "1", "2Gi", "4Gi"),
+        reports=True,
+        check=lambda spec, summary: check_min_examples(summary, spec.extract.min_examples),
+        prepare=_prepare_demo_db,
+        secret_env=lambda spec: {"SAIGE_DB_URL": spec.kubernetes.secrets.db_url},
+        pushes_metrics=True,
+    ),
+    Step(
+        name="train",
+        command=lambda c: train_command(
+            c.programs, c.spec_path, c.data_root, c.dataset_id, c.run_dir, max(1, c.processes)
+        ),
+        image=_train_image,
+        pod_defaults=_pod_defaults(48, "4", "24Gi", "32Gi"),
+        gpu=True,
+        secret_env=lambda spec: {"HF_TOKEN": spec.kubernetes.secrets.hf_token},
+        uses_models=True,
+        pushes_metrics=True,
+    ),
+    Step(
+        name="export",
+        command=lambda c: export_command(c.programs, c.run_dir),
+        image=_train_image,
+        pod_defaults=_pod_defaults(2, "2", "16Gi", "32Gi"),
+        enabled=lambda spec: spec.train.export,
+        secret_env=lambda spec: {"HF_TOKEN": spec.kubernetes.secrets.hf_token},
+        uses_models=True,
+    ),
+)
+STEP_TABLE: dict[str, Step] = {step.name: step for step in STEPS}
+STEP_NAMES: tuple[StepName, ...] = get_args(StepName)
+
+
+def step(name: str) -> Step:
+    """The step of that name; an unknown name is an error, never another step."""
+    try:
+        return STEP_TABLE[name]
+    except KeyError:
+        raise ConfigError(f"unknown step {name!r} (the steps: {', '.join(STEP_TABLE)})") from None
+
+
+def enabled_steps(spec: PipelineSpec) -> tuple[Step, ...]:
+    return tuple(s for s in STEPS if s.enabled(spec))
+
+
+def _default_pod(name: StepName) -> Any:
+    model = TrainPodSpec if STEP_TABLE[name].gpu else PodSpec
+    return model(**STEP_TABLE[name].pod_defaults)
 
 
 def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:

@@ -48,9 +48,9 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 
 
 def pipeline_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    config_maps = [o for o in by_kind(objects, "ConfigMap") if "pipeline.yaml" in o.get("data", {})]
+    config_maps = [o for o in by_kind(objects, "ConfigMap") if "spec.yaml" in o.get("data", {})]
     assert len(config_maps) == 1
-    return yaml.safe_load(config_maps[0]["data"]["pipeline.yaml"])
+    return yaml.safe_load(config_maps[0]["data"]["spec.yaml"])
 
 
 def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -204,7 +204,7 @@ def test_long_release_names_stay_within_63_characters():
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_the_configmap_holds_a_valid_pipeline_spec(rendered, scenario):
     objects = rendered[scenario]
-    spec = parse_spec(pipeline_of(objects), f"{scenario}: pipeline.yaml")
+    spec = parse_spec(pipeline_of(objects), f"{scenario}: spec.yaml")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     if scenario != "default":
         scenario_values = yaml.safe_load((CHART / "ci" / f"{scenario}-values.yaml").read_text())
@@ -267,11 +267,11 @@ def _merge(base: dict, override: dict) -> dict:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_the_installed_spec_renders_its_jobs(rendered, scenario, tmp_path):
-    """What `helm test` runs in the cluster (saige-k8s render -f /etc/saige/pipeline.yaml), here."""
+    """What `helm test` runs in the cluster (saige-k8s render -f /etc/saige/spec.yaml), here."""
     objects = rendered[scenario]
-    path = tmp_path / "pipeline.yaml"
-    config_map = next(o for o in by_kind(objects, "ConfigMap") if "pipeline.yaml" in o["data"])
-    path.write_text(config_map["data"]["pipeline.yaml"])
+    path = tmp_path / "spec.yaml"
+    config_map = next(o for o in by_kind(objects, "ConfigMap") if "spec.yaml" in o["data"])
+    path.write_text(config_map["data"]["spec.yaml"])
     result = run_cli("render", "-f", path, "-o", "yaml", "--run", "chart-test")
     assert result.exit_code == 0, result.output + result.stderr
     jobs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -369,12 +369,12 @@ def test_the_cronjob(rendered):
     assert pod["serviceAccountName"] == one(rendered["default"], "ServiceAccount")["metadata"]["name"]
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/saige-k8s/saige-k8s-extract:0.1.0"
-    assert container["command"] + container["args"] == [
+    assert container["command"] + container.get("args", []) == [
         "saige-k8s",
         "submit",
         "--in-cluster",
         "-f",
-        "/etc/saige/pipeline.yaml",
+        "/etc/saige/spec.yaml",
     ]
     assert "SAIGE_PUSHGATEWAY_URL" not in {e["name"] for e in container["env"]}
     config_map = next(v for v in pod["volumes"] if v["name"] == "spec")["configMap"]["name"]
@@ -393,6 +393,46 @@ def test_the_cronjob(rendered):
     assert one(rendered["existing-pvc"], "CronJob")["spec"]["suspend"] is True
     single = one(rendered["single-gpu"], "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert single["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def _controller_job_shape(job_spec: dict[str, Any]) -> dict[str, Any]:
+    """A controller Job's spec less what names it or says where its spec file comes from."""
+    shape = json.loads(json.dumps(job_spec))
+    shape.pop("ttlSecondsAfterFinished", None)  # the CronJob keeps its Jobs by history limits instead
+    template = shape["template"]
+    template["metadata"] = {"label_keys": sorted(set(template["metadata"]["labels"]) - {"saige.io/pipeline-run"})}
+    pod = template["spec"]
+    container = pod["containers"][0]
+    if "--run" in container["command"]:  # submit --no-wait resumes a named run; the CronJob starts one
+        at = container["command"].index("--run")
+        del container["command"][at : at + 2]
+    for volume in pod["volumes"]:
+        if volume["name"] == "spec":  # a ConfigMap the chart installs, or the pod's own annotation
+            volume.pop("configMap", None)
+            volume.pop("downwardAPI", None)
+    return shape
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_cronjob_runs_the_same_controller_pod_as_submit_no_wait(rendered, scenario):
+    from saige_k8s.runners.backend import Run
+    from saige_k8s.runners.jobs import construct_controller_job, to_dict
+
+    cron = one(rendered[scenario], "CronJob")["spec"]["jobTemplate"]["spec"]
+    spec = parse_spec(pipeline_of(rendered[scenario]))
+    built = to_dict(construct_controller_job(Run(spec, "saige-20261201-000000")))["spec"]
+    chart_shape, built_shape = _controller_job_shape(cron), _controller_job_shape(built)
+    # The chart's own controller.* values place and size its pod; a scenario that sets them differs there only.
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        chart_shape["template"]["spec"].pop(key, None)
+    if (
+        chart_shape["template"]["spec"]["containers"][0]["resources"]
+        != built_shape["template"]["spec"]["containers"][0]["resources"]
+    ):
+        assert scenario != "default"
+        for shape in (chart_shape, built_shape):
+            shape["template"]["spec"]["containers"][0].pop("resources")
+    assert chart_shape == built_shape
 
 
 def test_the_config_checksum_follows_the_spec():
@@ -414,7 +454,7 @@ def test_the_helm_test_pod_renders_the_installed_spec(rendered):
         "saige-k8s",
         "render",
         "-f",
-        "/etc/saige/pipeline.yaml",
+        "/etc/saige/spec.yaml",
         "-o",
         "yaml",
     ]

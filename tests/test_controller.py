@@ -134,18 +134,18 @@ def test_submit_runs_extract_then_train_with_its_dataset_and_status_logs_cancel_
     assert watches and all(w.params["resourceVersion"] for w in watches)
     assert len(gets) - len(watches) <= 2
 
-    rows = controller.status(cluster, RUN)
+    rows = controller.KubernetesBackend(cluster).status(RUN)
     assert [(row.step, row.state) for row in rows] == [("extract", "Succeeded"), ("train", "Succeeded")]
     kube.set_log(NS, f"{RUN}-train-x7k2p", "step 10 loss 2.1\nstep 20 loss 1.7\n")
-    pod, lines = controller.logs(cluster, RUN, None, follow=False)
+    pod, lines = controller.KubernetesBackend(cluster).logs(RUN, None, follow=False)
     assert pod == f"{RUN}-train-x7k2p"
     assert list(lines) == ["step 10 loss 2.1", "step 20 loss 1.7"]
-    assert controller.cancel(cluster, RUN) == [f"{RUN}-extract", f"{RUN}-train"]
+    assert controller.KubernetesBackend(cluster).cancel(RUN) == [f"{RUN}-extract", f"{RUN}-train"]
     deletes = [s for s in kube.requests() if s.method == "DELETE"]
     assert all(s.body.get("propagationPolicy") == "Background" for s in deletes)
     assert kube.objects("jobs", NS) == []
     with pytest.raises(InputError, match="no run"):
-        controller.cancel(cluster, RUN)
+        controller.KubernetesBackend(cluster).cancel(RUN)
 
 
 def test_a_dataset_below_the_minimum_stops_before_training(kube):

@@ -239,7 +239,8 @@ def test_the_detached_controller_job_runs_submit_in_the_cluster_with_the_full_sp
     pod = _pod(job)
     assert job["metadata"]["name"] == "tinyllama-20261125-130000-submit"
     assert pod["serviceAccountName"] == spec.kubernetes.controller_service_account
-    assert "automountServiceAccountToken" not in pod  # it needs its token to call the API
+    # It needs its token to call the API, and the chart's ServiceAccount mounts none by default.
+    assert pod["automountServiceAccountToken"] is True
     assert pod["containers"][0]["command"] == [
         "saige-k8s",
         "submit",

@@ -20,7 +20,7 @@ except ImportError:
     need_tool("torch is not installed (pip install -e '.[train]')")
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
-from saige_k8s.runners.commands import Programs, extract_command, train_command
+from saige_k8s.spec import Programs, extract_command, train_command
 from saige_k8s.training.export import modelfile
 from tests.tiny_model import build_tiny_model
 
@@ -82,6 +82,18 @@ def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> No
     assert (run / "Modelfile").read_text().startswith("FROM ./merged\n")
     assert "saige_train_steps 40.0" in (run / "metrics.prom").read_text()
     assert "saige_pipeline_last_run_success 1.0" in (tmp_path / "data" / "metrics" / "pipeline-pipe.prom").read_text()
+
+
+def test_run_without_an_eval_split_trains_and_reports_no_eval_loss(tmp_path: Path, tiny_model: Path) -> None:
+    spec = _spec(tmp_path, str(tiny_model))
+    data = yaml.safe_load(spec.read_text())
+    data["extract"]["eval_fraction"] = 0
+    data["train"].update(export=False, max_steps=5)
+    spec.write_text(yaml.safe_dump(data))
+    result = run_cli("run", "-f", spec)
+    assert result.exit_code == 0, result.stderr
+    assert "Trained 5 steps" in result.stdout
+    assert "eval loss" not in result.stdout
 
 
 def test_run_stops_below_min_examples(tmp_path: Path, tiny_model: Path) -> None:

@@ -1,4 +1,4 @@
-"""Quality filters (DESIGN §3.2): thresholds, presets, and the order rows are judged in."""
+"""Quality filters: thresholds, presets, and the order rows are judged in."""
 
 from __future__ import annotations
 
@@ -42,19 +42,19 @@ class Filters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_harm: Harm = 0.3
-    min_buddhist: Score = 6.0
-    min_alignment: Alignment = "good"
-    limit: Annotated[int, Field(gt=0)] | None = None
-    max_deception: Harm | None = None
-    max_harshness: Harm | None = None
-    max_omission: Harm | None = None
-    max_manipulation: Harm | None = None
-    min_ahimsa: Score | None = None
-    min_sacca: Score | None = None
-    min_karuna: Score | None = None
-    min_panna: Score | None = None
-    min_upekkha: Score | None = None
+    max_harm: Harm = Field(0.3, description="Keep actual_harm < this (0-1).")
+    min_buddhist: Score = Field(6.0, description="Keep the weighted Buddhist score >= this (0-10).")
+    min_alignment: Alignment = Field("good", description="Keep this alignment and better.")
+    limit: Annotated[int, Field(gt=0)] | None = Field(None, description="At most this many examples (in id order).")
+    max_deception: Harm | None = Field(None, description="Keep deception < this (NULL passes).")
+    max_harshness: Harm | None = Field(None, description="Keep harshness < this (NULL passes).")
+    max_omission: Harm | None = Field(None, description="Keep omission < this (NULL passes).")
+    max_manipulation: Harm | None = Field(None, description="Keep manipulation < this (NULL passes).")
+    min_ahimsa: Score | None = Field(None, description="Keep ahimsa >= this (0-10).")
+    min_sacca: Score | None = Field(None, description="Keep sacca >= this (0-10).")
+    min_karuna: Score | None = Field(None, description="Keep karuna >= this (0-10).")
+    min_panna: Score | None = Field(None, description="Keep panna >= this (0-10).")
+    min_upekkha: Score | None = Field(None, description="Keep upekkha >= this (0-10).")
     #: Weights for computing the weighted score where the table's value is NULL.
     principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
         default_factory=lambda: dict.fromkeys(PRINCIPLES, 1.0)

@@ -10,87 +10,111 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from kubernetes import client
 
-from saige_k8s import metrics as prometheus
-from saige_k8s.errors import InputError, RuntimeFailure, SaigeError
-from saige_k8s.runners.commands import check_min_examples
+from saige_k8s.errors import InputError, RuntimeFailure
+from saige_k8s.runners.backend import (
+    Backend,
+    Outcome,
+    Run,
+    Say,
+    StepFailed,
+    StepStatus,
+    order_rows,
+    pick_step,
+    run_pipeline,
+)
 from saige_k8s.runners.jobs import (
     CONFIG_ERROR_EXIT,
     CONTROLLER,
     PIPELINE_LABEL,
     RUN_LABEL,
     STEP_LABEL,
-    STEPS,
-    Run,
-    Step,
     construct_controller_job,
+    construct_step_job,
     pipeline_jobs,
 )
 from saige_k8s.runners.kubernetes import Cluster
+from saige_k8s.spec import Step, StepName
 
 log = logging.getLogger(__name__)
 
-Say = Callable[[str], None]
+#: How long the controller waits for a Job past its own activeDeadlineSeconds (scheduling, image pulls).
+WAIT_SLACK_SECONDS = 3600
+#: A step whose spec sets no deadline is still waited for no longer than this.
+NO_DEADLINE_SECONDS = 7 * 24 * 3600
 
 
-class StepFailed(SaigeError):
-    """A step's Job failed; a configuration error in the step (exit code 2) keeps its exit code."""
+class KubernetesBackend(Backend):
+    """Each step as a Job in the cluster's namespace; the controller waits for it here."""
 
-    def __init__(self, step: str, job: str, reason: str, detail: str, exit_code: int) -> None:
-        where = f": {detail}" if detail else ""
-        super().__init__(f"step {step} failed ({reason}, Job {job}){where}")
-        self.exit_code = exit_code
+    def __init__(self, cluster: Cluster, follow: bool = False) -> None:
+        self.cluster = cluster
+        self.follow = follow
+        self.where = f"namespace {cluster.namespace}"
 
+    def run_step(self, run: Run, step: Step, say: Say) -> dict[str, Any] | None:
+        cluster = self.cluster
+        job = construct_step_job(run, step.name)
+        job.metadata.namespace = cluster.namespace
+        current = _ensure(cluster, run, step.name, job, say)
+        name = current.metadata.name
+        if self.follow:
+            _follow(cluster, name, step.name, say)
+        deadline = run.spec.kubernetes.pod(step.name).active_deadline_seconds or NO_DEADLINE_SECONDS
+        finished = cluster.wait_job(
+            name,
+            job_finished,
+            idle=lambda: _still(cluster, name, step.name, say),
+            timeout=deadline + WAIT_SLACK_SECONDS,
+        )
+        _raise_if_failed(cluster, step.name, finished)
+        return extract_summary(cluster, name, step.name) if step.reports else None
 
-@dataclass
-class Outcome:
-    run_id: str
-    namespace: str
-    dataset: dict[str, Any] = field(default_factory=dict)
-    finished: list[Step] = field(default_factory=list)
+    def status(self, run_id: str | None = None) -> list[StepStatus]:
+        labels = {"app.kubernetes.io/managed-by": "saige-k8s", **({RUN_LABEL: run_id} if run_id else {})}
+        rows = []
+        for job in self.cluster.list_jobs(labels):
+            meta_labels = job.metadata.labels or {}
+            started = job.status.start_time if job.status else None
+            finished = job.status.completion_time if job.status else None
+            rows.append(
+                StepStatus(
+                    run_id=meta_labels.get(RUN_LABEL, "?"),
+                    pipeline=meta_labels.get(PIPELINE_LABEL, "?"),
+                    step=meta_labels.get(STEP_LABEL, "?"),
+                    job=job.metadata.name,
+                    state=job_state(job),
+                    started=started.isoformat(timespec="seconds") if started else "",
+                    finished=finished.isoformat(timespec="seconds") if finished else "",
+                )
+            )
+        return order_rows(rows)
+
+    def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
+        chosen = pick_step(self.status(run_id), run_id, step, self.where)
+        pods = self.cluster.job_pods(chosen.job)
+        if not pods:
+            raise InputError(f"Job {chosen.job} has no pod yet (state: {chosen.state})")
+        pod = pods[-1].metadata.name
+        return pod, self.cluster.pod_log(pod, chosen.step, follow=follow)
+
+    def cancel(self, run_id: str) -> list[str]:
+        """Deletes the run's Jobs (their pods follow by garbage collection)."""
+        names = [job.metadata.name for job in self.cluster.list_jobs({RUN_LABEL: run_id})]
+        deleted = [name for name in names if self.cluster.delete_job(name)]
+        if not deleted:
+            raise InputError(f"no run {run_id!r} in {self.where} (saige-k8s status lists the runs)")
+        return deleted
 
 
 def submit(cluster: Cluster, run: Run, say: Say, follow: bool = False, pushgateway: str | None = None) -> Outcome:
-    """Runs the pipeline's steps in order, each Job after the previous one succeeded.
-
-    Afterwards, success or failure, the run's pipeline metrics go to ``pushgateway``.
-    """
-    jobs = dict(zip(run.steps, pipeline_jobs(run), strict=True))  # every Job built before any is sent
-    started, succeeded = time.time(), False
-    try:
-        outcome = _run_steps(cluster, run, jobs, say, follow)
-        succeeded = True
-        return outcome
-    finally:
-        prometheus.push_pipeline_result(run.spec.name, pushgateway, succeeded, started, time.time())
-
-
-def _run_steps(cluster: Cluster, run: Run, jobs: dict[Step, client.V1Job], say: Say, follow: bool) -> Outcome:
-    outcome = Outcome(run.run_id, cluster.namespace)
-    for step, job in jobs.items():
-        job.metadata.namespace = cluster.namespace
-        current = _ensure(cluster, run, step, job, say)
-        if follow:
-            _follow(cluster, current.metadata.name, step, say)
-        name = current.metadata.name
-        finished = cluster.wait_job(name, job_finished, idle=lambda n=name, s=step: _still(cluster, n, s, say))
-        _raise_if_failed(cluster, step, finished)
-        say(f"{step}: succeeded")
-        outcome.finished.append(step)
-        if step == "extract":
-            outcome.dataset = extract_summary(cluster, finished.metadata.name)
-            say(
-                f"extract: dataset {outcome.dataset['dataset_id']}: {outcome.dataset['kept']} examples "
-                f"of {outcome.dataset['scanned']} rows"
-            )
-            check_min_examples(outcome.dataset, run.spec.extract.min_examples)
-    return outcome
+    """The pipeline as Jobs, each after the previous one succeeded; every Job is built before any is sent."""
+    pipeline_jobs(run)
+    return run_pipeline(KubernetesBackend(cluster, follow), run, say, pushgateway)
 
 
 def submit_detached(cluster: Cluster, run: Run, say: Say) -> str:
@@ -152,19 +176,22 @@ def job_state(job: client.V1Job) -> str:
     return "Pending"
 
 
-def _raise_if_failed(cluster: Cluster, step: Step, job: client.V1Job) -> None:
+def _raise_if_failed(cluster: Cluster, step: StepName, job: client.V1Job) -> None:
     if job_state(job) != "Failed":
         return
     failed = next(c for c in job.status.conditions if c.type == "Failed" and c.status == "True")
     reason = failed.reason or "Failed"
     exit_code, message = _last_termination(cluster, job.metadata.name, step)
     detail = message.strip().splitlines()[-1] if message.strip() else (failed.message or "")
-    raise StepFailed(step, job.metadata.name, reason, detail, 2 if exit_code == CONFIG_ERROR_EXIT else 1)
+    where = f": {detail}" if detail else ""
+    raise StepFailed(
+        step, f"failed ({reason}, Job {job.metadata.name}){where}", 2 if exit_code == CONFIG_ERROR_EXIT else 1
+    )
 
 
-def extract_summary(cluster: Cluster, job_name: str) -> dict[str, Any]:
-    """The extract step's JSON summary, from its successful pod's termination message."""
-    exit_code, message = _last_termination(cluster, job_name, "extract")
+def extract_summary(cluster: Cluster, job_name: str, container: StepName = "extract") -> dict[str, Any]:
+    """A reporting step's JSON summary, from its successful pod's termination message."""
+    exit_code, message = _last_termination(cluster, job_name, container)
     try:
         summary = json.loads(message) if exit_code == 0 else None
     except ValueError:
@@ -172,7 +199,7 @@ def extract_summary(cluster: Cluster, job_name: str) -> dict[str, Any]:
     if not isinstance(summary, dict) or not {"dataset_id", "kept", "scanned"} <= summary.keys():
         raise RuntimeFailure(
             f"Job {job_name} succeeded but its pod left no dataset summary in its termination message "
-            f"(saige-k8s logs RUN --step extract shows its output)"
+            f"(saige-k8s logs RUN --step {container} shows its output)"
         )
     return summary
 
@@ -187,7 +214,7 @@ def _last_termination(cluster: Cluster, job_name: str, container: str) -> tuple[
     return None, ""
 
 
-def _follow(cluster: Cluster, job_name: str, step: Step, say: Say) -> None:
+def _follow(cluster: Cluster, job_name: str, step: StepName, say: Say) -> None:
     """Streams the step's newest pod log once it runs (best effort: a log is not the outcome)."""
     pod = _wait_for_pod(cluster, job_name)
     if pod is None:
@@ -211,64 +238,3 @@ def _wait_for_pod(cluster: Cluster, job_name: str) -> client.V1Pod | None:
 
     cluster.wait_job(job_name, pod_started)
     return started[-1] if started else None
-
-
-# -- status, logs, cancel -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepStatus:
-    run_id: str
-    pipeline: str
-    step: str
-    job: str
-    state: str
-    started: str
-    finished: str
-
-
-def status(cluster: Cluster, run_id: str | None = None) -> list[StepStatus]:
-    """The steps of one run, or of every run in the namespace, in run then pipeline order."""
-    labels = {"app.kubernetes.io/managed-by": "saige-k8s", **({RUN_LABEL: run_id} if run_id else {})}
-    rows = []
-    for job in cluster.list_jobs(labels):
-        meta_labels = job.metadata.labels or {}
-        started = job.status.start_time if job.status else None
-        finished = job.status.completion_time if job.status else None
-        rows.append(
-            StepStatus(
-                run_id=meta_labels.get(RUN_LABEL, "?"),
-                pipeline=meta_labels.get(PIPELINE_LABEL, "?"),
-                step=meta_labels.get(STEP_LABEL, "?"),
-                job=job.metadata.name,
-                state=job_state(job),
-                started=started.isoformat(timespec="seconds") if started else "",
-                finished=finished.isoformat(timespec="seconds") if finished else "",
-            )
-        )
-    order = {step: i for i, step in enumerate((CONTROLLER, *STEPS))}
-    return sorted(rows, key=lambda row: (row.run_id, order.get(row.step, len(order))))
-
-
-def logs(cluster: Cluster, run_id: str, step: Step | None, follow: bool) -> tuple[str, Any]:
-    """The pod whose log is wanted and its lines: the given step, else the run's latest step."""
-    rows = status(cluster, run_id)
-    if not rows:
-        raise InputError(f"no run {run_id!r} in namespace {cluster.namespace} (saige-k8s status lists the runs)")
-    chosen = next((row for row in rows if row.step == step), None) if step else rows[-1]
-    if chosen is None:
-        raise InputError(f"run {run_id} has no {step} step (it has: {', '.join(row.step for row in rows)})")
-    pods = cluster.job_pods(chosen.job)
-    if not pods:
-        raise InputError(f"Job {chosen.job} has no pod yet (state: {chosen.state})")
-    pod = pods[-1].metadata.name
-    return pod, cluster.pod_log(pod, chosen.step, follow=follow)
-
-
-def cancel(cluster: Cluster, run_id: str) -> list[str]:
-    """Deletes the run's Jobs (their pods follow by garbage collection); the names deleted."""
-    names = [job.metadata.name for job in cluster.list_jobs({RUN_LABEL: run_id})]
-    deleted = [name for name in names if cluster.delete_job(name)]
-    if not deleted:
-        raise InputError(f"no run {run_id!r} in namespace {cluster.namespace} (saige-k8s status lists the runs)")
-    return deleted

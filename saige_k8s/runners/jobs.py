@@ -9,10 +9,9 @@ root and working directory.
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from kubernetes import client
@@ -20,17 +19,20 @@ from sqlalchemy.engine import make_url
 
 from saige_k8s import __version__
 from saige_k8s.errors import ConfigError
-from saige_k8s.runners.commands import (
+from saige_k8s.runners.backend import Run
+from saige_k8s.spec import (
+    KubernetesSpec,
+    PipelineSpec,
+    PodSpec,
     Programs,
-    demo_db_command,
-    export_command,
-    extract_command,
-    train_command,
+    Step,
+    StepContext,
+    TrainPodSpec,
 )
-from saige_k8s.spec import DNS_LABEL, KubernetesSpec, PipelineSpec, PodSpec, SecretRef, TrainPodSpec
+from saige_k8s.spec import (
+    step as spec_step,
+)
 
-Step = Literal["collect", "extract", "train", "export"]
-STEPS: tuple[Step, ...] = ("collect", "extract", "train", "export")
 #: The step label and Job name suffix of the in-cluster controller (``submit --no-wait``).
 CONTROLLER = "submit"
 
@@ -47,37 +49,6 @@ TERMINATION_LOG = "/dev/termination-log"
 CONFIG_ERROR_EXIT = 2
 
 
-@dataclass(frozen=True)
-class Run:
-    """One pipeline run: the Jobs' names and the dataset id derive from its id."""
-
-    spec: PipelineSpec
-    run_id: str
-
-    def __post_init__(self) -> None:
-        # Also a label value and the dataset's directory name, so a DNS label like the Jobs' names.
-        if not re.fullmatch(DNS_LABEL, self.run_id):
-            raise ConfigError(
-                f"run id {self.run_id!r}: use lowercase letters, digits and '-', starting and ending alphanumeric"
-            )
-
-    def job_name(self, step: Step) -> str:
-        return job_name(self.run_id, step)
-
-    @property
-    def steps(self) -> tuple[Step, ...]:
-        wanted = {"collect": self.spec.collect is not None, "export": self.spec.train.export}
-        return tuple(step for step in STEPS if wanted.get(step, True))
-
-    @property
-    def dataset_id(self) -> str:
-        return self.run_id
-
-    @property
-    def run_dir(self) -> str:
-        return f"{self.spec.kubernetes.data_mount_path.rstrip('/')}/runs/{self.run_id}"
-
-
 def job_name(run_id: str, step: str) -> str:
     name = f"{run_id}-{step}"
     if len(name) > MAX_NAME:
@@ -88,17 +59,39 @@ def job_name(run_id: str, step: str) -> str:
 def pipeline_jobs(run: Run) -> list[client.V1Job]:
     """Every Job of the run, in the order the controller creates them."""
     check_secret_free(run.spec)
-    return [construct_step_job(run, step) for step in run.steps]
+    return [construct_step_job(run, step.name) for step in run.steps]
 
 
-def construct_step_job(run: Run, step: Step) -> client.V1Job:
-    spec, kube = run.spec, run.spec.kubernetes
-    pod: PodSpec = getattr(kube, step)
-    labels = _labels(run, step)
+def step_context(run: Run, step: Step) -> StepContext:
+    """How a step's command line reads in its pod: the image's programs, the mounted spec and volume."""
+    kube = run.spec.kubernetes
+    return StepContext(
+        spec=run.spec,
+        programs=Programs.image(),
+        spec_path=f"{SPEC_DIR}/{SPEC_FILE}",
+        data_root=kube.data_mount_path,
+        run_id=run.run_id,
+        processes=max(1, run.spec.train.gpus) if step.gpu else 1,
+        summary_file=TERMINATION_LOG if step.reports else None,
+    )
+
+
+def run_dir(run: Run) -> str:
+    """The run directory on the shared volume, as the pods see it."""
+    return step_context(run, run.steps[0]).run_dir
+
+
+def construct_step_job(run: Run, name: str) -> client.V1Job:
+    """The Job of the step of that name (an unknown name is an error, never another step's Job)."""
+    spec, kube, step = run.spec, run.spec.kubernetes, spec_step(name)
+    pod = kube.pod(step.name)
+    labels = _labels(run, step.name)
     job_labels = {**labels, KUEUE_LABEL: kube.kueue_queue} if kube.kueue_queue else labels
-    container = _container(run, step, pod)
+    context = step_context(run, step)
+    container = _container(run, step, pod, context)
     volumes = _volumes(run, step, pod)
-    init_containers = [_demo_db_container(run)] if step == "extract" and _demo_source(spec) else None
+    prepare = step.prepare(context)
+    init_containers = [_prepare_container(run, step, prepare)] if prepare else None
     pod_spec = client.V1PodSpec(
         restart_policy="Never",
         containers=[container],
@@ -111,20 +104,20 @@ def construct_step_job(run: Run, step: Step) -> client.V1Job:
         service_account_name=kube.service_account_name,
         image_pull_secrets=_pull_secrets(kube),
         node_selector=dict(pod.node_selector) or None,
-        tolerations=_tolerations(pod, step),
-        affinity=_typed(pod.affinity, "V1Affinity", f"kubernetes.{step}.affinity") if pod.affinity else None,
+        tolerations=_tolerations(pod, step.name),
+        affinity=_typed(pod.affinity, "V1Affinity", f"kubernetes.{step.name}.affinity") if pod.affinity else None,
         runtime_class_name=pod.runtime_class_name,
         priority_class_name=pod.priority_class_name,
     )
     return client.V1Job(
         api_version="batch/v1",
         kind="Job",
-        metadata=client.V1ObjectMeta(name=run.job_name(step), namespace=kube.namespace, labels=job_labels),
+        metadata=client.V1ObjectMeta(name=job_name(run.run_id, step.name), namespace=kube.namespace, labels=job_labels),
         spec=client.V1JobSpec(
             backoff_limit=pod.backoff_limit,
             active_deadline_seconds=pod.active_deadline_seconds,
             ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=_failure_policy(step),
+            pod_failure_policy=_failure_policy(step.name),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=labels, annotations={SPEC_ANNOTATION: spec_document(spec)}),
                 spec=pod_spec,
@@ -133,56 +126,73 @@ def construct_step_job(run: Run, step: Step) -> client.V1Job:
     )
 
 
-def _volumes(run: Run, step: Step, pod: PodSpec) -> list[client.V1Volume]:
+def _volumes(run: Run, step: Step | None, pod: PodSpec) -> list[client.V1Volume]:
     kube = run.spec.kubernetes
     volumes = [
         client.V1Volume(
             name="data", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=kube.claim_name)
         ),
         client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource()),
-        client.V1Volume(
-            name="spec",
-            downward_api=client.V1DownwardAPIVolumeSource(
-                items=[
-                    client.V1DownwardAPIVolumeFile(
-                        path=SPEC_FILE,
-                        field_ref=client.V1ObjectFieldSelector(field_path=f"metadata.annotations['{SPEC_ANNOTATION}']"),
-                    )
-                ]
-            ),
-        ),
+        _spec_volume(),
     ]
-    if step == "train":
+    if step is not None and step.gpu:
         assert isinstance(pod, TrainPodSpec)
         shm = client.V1EmptyDirVolumeSource(medium="Memory", size_limit=pod.shm_size)
         volumes.append(client.V1Volume(name="shm", empty_dir=shm))
     return volumes
 
 
-def _tolerations(pod: PodSpec, step: Step) -> list[client.V1Toleration] | None:
+def _spec_volume() -> client.V1Volume:
+    """The spec as a file, projected from the pod's own annotation (no ConfigMap to manage)."""
+    return client.V1Volume(
+        name="spec",
+        downward_api=client.V1DownwardAPIVolumeSource(
+            items=[
+                client.V1DownwardAPIVolumeFile(
+                    path=SPEC_FILE,
+                    field_ref=client.V1ObjectFieldSelector(field_path=f"metadata.annotations['{SPEC_ANNOTATION}']"),
+                )
+            ]
+        ),
+    )
+
+
+def _tolerations(pod: PodSpec, step: str) -> list[client.V1Toleration] | None:
     where = f"kubernetes.{step}.tolerations"
     return [_typed(item, "V1Toleration", f"{where}[{i}]") for i, item in enumerate(pod.tolerations)] or None
+
+
+#: The controller pod is light: it creates the step Jobs and waits for them.
+CONTROLLER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+#: A whole run's deadline, unless its steps' own deadlines add up to more.
+CONTROLLER_DEADLINE_SECONDS = 72 * 3600
+CONTROLLER_CONTAINER = "controller"
 
 
 def construct_controller_job(run: Run) -> client.V1Job:
     """``submit --no-wait``: the controller itself runs in the cluster, so the laptop can go.
 
-    It is the same ``submit`` the Helm chart's CronJob runs; retried pods resume the run (the
-    step Jobs are found by name), so a drained node costs nothing.
+    It is the pod the Helm chart's CronJob runs (a test renders both and compares them); a
+    pod lost to a drained node is replaced and resumes the run (the step Jobs are found by
+    name), while a controller that failed is not retried: it would start over.
     """
     check_secret_free(run.spec)
     kube = run.spec.kubernetes
-    labels = {**_labels(run, "extract"), "app.kubernetes.io/component": "controller", STEP_LABEL: CONTROLLER}
-    deadline = sum(getattr(kube, step).active_deadline_seconds or 0 for step in run.steps) + 3600
+    labels = {**_labels(run, CONTROLLER), "app.kubernetes.io/component": "controller"}
+    steps_deadline = sum(kube.pod(step.name).active_deadline_seconds or 0 for step in run.steps) + 3600
+    env = [client.V1EnvVar(name="HOME", value="/tmp")]
+    if kube.pushgateway_url:
+        env.append(client.V1EnvVar(name="SAIGE_PUSHGATEWAY_URL", value=kube.pushgateway_url))
     container = client.V1Container(
-        name=CONTROLLER,
+        name=CONTROLLER_CONTAINER,
         image=kube.images.extract,
         image_pull_policy=kube.images.pull_policy,
         command=[*Programs.image().cli, "submit", "--in-cluster", "-f", f"{SPEC_DIR}/{SPEC_FILE}", "--run", run.run_id],
-        resources=client.V1ResourceRequirements(requests={"cpu": "50m", "memory": "128Mi"}, limits={"memory": "512Mi"}),
+        env=env,
+        resources=client.V1ResourceRequirements(**CONTROLLER_RESOURCES),
         volume_mounts=[
-            client.V1VolumeMount(name="tmp", mount_path="/tmp"),
             client.V1VolumeMount(name="spec", mount_path=SPEC_DIR, read_only=True),
+            client.V1VolumeMount(name="tmp", mount_path="/tmp"),
         ],
         security_context=_container_security(kube),
         termination_message_policy="FallbackToLogsOnError",
@@ -192,10 +202,10 @@ def construct_controller_job(run: Run) -> client.V1Job:
         kind="Job",
         metadata=client.V1ObjectMeta(name=job_name(run.run_id, CONTROLLER), namespace=kube.namespace, labels=labels),
         spec=client.V1JobSpec(
-            backoff_limit=2,
-            active_deadline_seconds=deadline,
+            backoff_limit=0,
+            active_deadline_seconds=max(CONTROLLER_DEADLINE_SECONDS, steps_deadline),
             ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=_failure_policy(CONTROLLER),
+            pod_failure_policy=_failure_policy(CONTROLLER_CONTAINER),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(
                     labels=labels, annotations={SPEC_ANNOTATION: spec_document(run.spec, with_kubernetes=True)}
@@ -203,9 +213,14 @@ def construct_controller_job(run: Run) -> client.V1Job:
                 spec=client.V1PodSpec(
                     restart_policy="Never",
                     containers=[container],
-                    volumes=[v for v in _volumes(run, "extract", kube.extract) if v.name != "data"],
+                    volumes=[
+                        _spec_volume(),
+                        client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource(size_limit="256Mi")),
+                    ],
                     security_context=_pod_security(kube),
                     service_account_name=kube.controller_service_account,
+                    # It calls the API server; the chart's ServiceAccount mounts no token by default.
+                    automount_service_account_token=True,
                     enable_service_links=False,
                     image_pull_secrets=_pull_secrets(kube),
                 ),
@@ -240,7 +255,7 @@ def check_secret_free(spec: PipelineSpec) -> None:
             )
 
 
-def _container(run: Run, step: Step, pod: PodSpec) -> client.V1Container:
+def _container(run: Run, step: Step, pod: PodSpec, context: StepContext) -> client.V1Container:
     kube = run.spec.kubernetes
     mounts = [
         client.V1VolumeMount(name="data", mount_path=kube.data_mount_path),
@@ -248,19 +263,18 @@ def _container(run: Run, step: Step, pod: PodSpec) -> client.V1Container:
         client.V1VolumeMount(name="spec", mount_path=SPEC_DIR, read_only=True),
     ]
     resources = _resources(pod)
-    if step == "train":
+    if step.gpu:
         assert isinstance(pod, TrainPodSpec)
         mounts.append(client.V1VolumeMount(name="shm", mount_path="/dev/shm"))
         if run.spec.train.gpus > 0:
             gpus = str(run.spec.train.gpus)
             resources.requests = {**(resources.requests or {}), pod.gpu_resource: gpus}
             resources.limits = {**(resources.limits or {}), pod.gpu_resource: gpus}
-    image = run.spec.collect.image if step == "collect" and run.spec.collect else _image(kube, step)
     return client.V1Container(
-        name=step,
-        image=image,
+        name=step.name,
+        image=step.image(run.spec),
         image_pull_policy=kube.images.pull_policy,
-        command=_command(run, step),
+        command=step.command(context),
         working_dir=kube.data_mount_path,
         env=_env(run, step, pod) or None,
         resources=resources,
@@ -271,42 +285,16 @@ def _container(run: Run, step: Step, pod: PodSpec) -> client.V1Container:
     )
 
 
-def _image(kube: KubernetesSpec, step: Step) -> str:
-    return kube.images.train if step in ("train", "export") else kube.images.extract
-
-
-def _command(run: Run, step: Step) -> list[str]:
-    spec, kube = run.spec, run.spec.kubernetes
-    programs, spec_path, root = Programs.image(), f"{SPEC_DIR}/{SPEC_FILE}", kube.data_mount_path
-    if step == "collect":
-        assert spec.collect is not None
-        return list(spec.collect.command)
-    if step == "extract":
-        return extract_command(programs, spec_path, root, run.dataset_id, summary_file=TERMINATION_LOG)
-    if step == "train":
-        return train_command(programs, spec_path, root, run.dataset_id, run.run_dir, max(1, spec.train.gpus))
-    return export_command(programs, run.run_dir)
-
-
-def _demo_source(spec: PipelineSpec) -> bool:
-    return spec.source.demo is not None and bool(spec.source.url) and "://" not in (spec.source.url or "")
-
-
-def _demo_db_container(run: Run) -> client.V1Container:
-    """Creates the demo database on the volume once, so a demo pipeline runs on a bare cluster."""
-    spec, kube = run.spec, run.spec.kubernetes
-    assert spec.source.demo is not None and spec.source.url
-    command = [
-        *demo_db_command(Programs.image(), spec.source.url, spec.source.demo.rows, spec.source.demo.seed),
-        "--if-missing",
-    ]
+def _prepare_container(run: Run, step: Step, command: list[str]) -> client.V1Container:
+    """What a step needs first (the demo database, created once on the volume), as an init container."""
+    kube = run.spec.kubernetes
     return client.V1Container(
-        name="demo-db",
-        image=kube.images.extract,
+        name=f"{step.name}-prepare",
+        image=step.image(run.spec),
         image_pull_policy=kube.images.pull_policy,
         command=command,
         working_dir=kube.data_mount_path,
-        resources=_resources(kube.extract),
+        resources=_resources(kube.pod(step.name)),
         volume_mounts=[
             client.V1VolumeMount(name="data", mount_path=kube.data_mount_path),
             client.V1VolumeMount(name="tmp", mount_path="/tmp"),
@@ -317,19 +305,12 @@ def _demo_db_container(run: Run) -> client.V1Container:
 
 def _env(run: Run, step: Step, pod: PodSpec) -> list[client.V1EnvVar]:
     kube = run.spec.kubernetes
-    env = [client.V1EnvVar(name=name, value=value) for name, value in pod.env.items()]
-    secrets: dict[str, SecretRef | None] = {}
-    if step == "collect":
-        assert run.spec.collect is not None
-        env += [client.V1EnvVar(name=name, value=value) for name, value in run.spec.collect.env.items()]
-        secrets.update(run.spec.collect.secret_env)
-    if step == "extract":
-        secrets["SAIGE_DB_URL"] = kube.secrets.db_url
-    if step in ("train", "export"):
-        secrets["HF_TOKEN"] = kube.secrets.hf_token
+    plain = {**pod.env, **step.env(run.spec)}
+    env = [client.V1EnvVar(name=name, value=value) for name, value in plain.items()]
+    if step.uses_models:
         # Models download once onto the shared volume, not into each pod's read-only filesystem.
         env.append(client.V1EnvVar(name="HF_HOME", value=f"{kube.data_mount_path.rstrip('/')}/.cache/huggingface"))
-    if step in ("extract", "train") and kube.pushgateway_url:
+    if step.pushes_metrics and kube.pushgateway_url:
         env.append(client.V1EnvVar(name="SAIGE_PUSHGATEWAY_URL", value=kube.pushgateway_url))
     env += [
         client.V1EnvVar(
@@ -338,7 +319,7 @@ def _env(run: Run, step: Step, pod: PodSpec) -> list[client.V1EnvVar]:
                 secret_key_ref=client.V1SecretKeySelector(name=ref.name, key=ref.key, optional=ref.optional or None)
             ),
         )
-        for name, ref in secrets.items()
+        for name, ref in step.secret_env(run.spec).items()
         if ref is not None
     ]
     return env
@@ -387,6 +368,7 @@ def _pull_secrets(kube: KubernetesSpec) -> list[client.V1LocalObjectReference] |
 def _container_security(kube: KubernetesSpec) -> client.V1SecurityContext:
     return client.V1SecurityContext(
         allow_privilege_escalation=False,
+        privileged=False,
         capabilities=client.V1Capabilities(drop=["ALL"]),
         read_only_root_filesystem=True,
         run_as_non_root=True,
@@ -413,8 +395,7 @@ def _labels(run: Run, step: Step) -> dict[str, str]:
 def _typed(value: Mapping[str, Any], klass: str, where: str) -> Any:
     """A passthrough block as its typed model; a key the model does not know is an error, not dropped."""
     api = client.ApiClient()
-    # The public deserialize() changed signature across client releases; this one has not.
-    typed = api._ApiClient__deserialize(dict(value), klass)  # type: ignore[attr-defined]
+    typed = api.deserialize(json.dumps(dict(value)), klass, "application/json")
     unknown = _first_unknown(value, api.sanitize_for_serialization(typed))
     if unknown is not None:
         raise ConfigError(f"{where}: unknown field {unknown!r} (Kubernetes keys are camelCase, as in a pod spec)")

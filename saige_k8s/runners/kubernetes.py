@@ -102,15 +102,23 @@ class Cluster:
         return True
 
     def wait_job(
-        self, name: str, done: Callable[[client.V1Job], bool], idle: Callable[[], None] | None = None
+        self,
+        name: str,
+        done: Callable[[client.V1Job], bool],
+        idle: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> client.V1Job:
         """Blocks until ``done(job)``: list, then watch from the list's version; re-list on 410 or a closed stream.
 
-        ``idle`` is called each time a watch ends with nothing decided (every few minutes).
+        ``idle`` is called each time a watch ends with nothing decided (every few minutes); past
+        ``timeout`` seconds the wait ends with a RuntimeFailure instead of going on forever.
         """
         selector = f"metadata.name={name}"
         listed_before = False
+        ends = None if timeout is None else time.monotonic() + timeout
         while True:
+            if ends is not None and time.monotonic() >= ends:
+                raise RuntimeFailure(f"gave up waiting for Job {name} after {timeout:.0f} s (it is still there)")
             if listed_before and idle is not None:
                 idle()
             listed_before = True
@@ -122,13 +130,14 @@ class Cluster:
                 raise RuntimeFailure(f"Job {name} no longer exists in namespace {self.namespace} (deleted?)")
             if done(job):
                 return job
+            watch_seconds = WATCH_SECONDS if ends is None else max(1, min(WATCH_SECONDS, int(ends - time.monotonic())))
             stream = watch.Watch().stream(
                 self.batch.list_namespaced_job,
                 self.namespace,
                 field_selector=selector,
                 resource_version=listed.metadata.resource_version,
-                timeout_seconds=WATCH_SECONDS,
-                _request_timeout=WATCH_SECONDS + 30,
+                timeout_seconds=watch_seconds,
+                _request_timeout=watch_seconds + min(30, watch_seconds),
             )
             try:
                 for event in stream:

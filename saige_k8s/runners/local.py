@@ -1,125 +1,285 @@
-"""The local runner: the pipeline's steps as subprocesses on this machine.
+"""The local backend: the pipeline's steps as processes on this machine.
 
-Each step is the same command a Kubernetes pod would run (``runners.commands``); steps
-hand over through the data root only, plus the extract step's one-line JSON summary.
+Each step runs the command a Kubernetes pod would run (the spec's step table); steps hand
+over through the data root only. What a pod's status and log are to ``status`` and ``logs``
+on a cluster, ``DATA_ROOT/pipelines/RUN/STEP.json`` and ``STEP.log`` are here, so those
+commands answer for local runs too, from another terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from saige_k8s import metrics as prometheus
-from saige_k8s.errors import RuntimeFailure, SaigeError
-from saige_k8s.runners.commands import (
-    Programs,
-    check_min_examples,
-    demo_db_command,
-    export_command,
-    extract_command,
-    new_run_id,
-    train_command,
+from saige_k8s.errors import InputError, Interrupted, RuntimeFailure
+from saige_k8s.lifecycle import stop_requested
+from saige_k8s.runners.backend import (
+    Backend,
+    Outcome,
+    Run,
+    Say,
+    StepFailed,
+    StepStatus,
+    order_rows,
+    pick_step,
+    run_pipeline,
 )
-from saige_k8s.spec import PipelineSpec
+from saige_k8s.spec import PipelineSpec, Programs, Step, StepContext, StepName
 from saige_k8s.training.devices import local_gpus
 
 log = logging.getLogger(__name__)
 
 #: Under the data root: the pipeline's metrics.prom-style file, pipeline-NAME.prom.
 METRICS_DIR = "metrics"
+#: Under the data root: each local run's step states and logs.
+PIPELINES_DIR = "pipelines"
+#: A step whose spec sets no deadline still stops after this long.
+NO_DEADLINE_SECONDS = 7 * 24 * 3600
+#: How long a step has to exit after SIGTERM before it is killed.
+GRACE_SECONDS = 30
+
+_FINISHED = ("Succeeded", "Failed", "Cancelled")
 
 
-class StepFailed(SaigeError):
-    """A step exited non-zero; the pipeline exits with the step's own code."""
+class LocalBackend(Backend):
+    def __init__(self, data_root: Path, spec_path: Path | None = None, pushgateway: str | None = None) -> None:
+        self.data_root = data_root
+        self.spec_path = spec_path
+        self.pushgateway = pushgateway
+        self.where = f"data root {data_root}"
 
-    def __init__(self, step: str, code: int) -> None:
-        super().__init__(f"step {step} failed with exit code {code} (its error is above)")
-        self.exit_code = code if code in (1, 2) else 1
+    def metrics_dir(self) -> Path:
+        return self.data_root / METRICS_DIR
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run_step(self, run: Run, step: Step, say: Say) -> dict[str, Any] | None:
+        if self.spec_path is None:
+            raise RuntimeFailure("this local backend was made without a spec file and cannot run steps")
+        state_dir = self._run_dir(run.run_id)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        summary_file = state_dir / f"{step.name}.summary.json"
+        context = StepContext(
+            spec=run.spec,
+            programs=Programs.local(),
+            spec_path=str(self.spec_path),
+            data_root=str(self.data_root),
+            run_id=run.run_id,
+            processes=max(1, min(run.spec.train.gpus, local_gpus())) if step.gpu else 1,
+            summary_file=str(summary_file) if step.reports else None,
+        )
+        env = {**os.environ, **step.env(run.spec)}
+        if step.pushes_metrics and self.pushgateway:
+            env[prometheus.PUSHGATEWAY_ENV] = self.pushgateway
+        deadline = run.spec.kubernetes.pod(step.name).active_deadline_seconds or NO_DEADLINE_SECONDS
+        state = _State(state_dir / f"{step.name}.json", run, step.name)
+        summary_file.unlink(missing_ok=True)
+        with (state_dir / f"{step.name}.log").open("ab") as log_file:
+            for command in filter(None, (step.prepare(context), step.command(context))):
+                say(f"{step.name}: {' '.join(command)}")
+                self._process(state, command, env, log_file, deadline)
+        state.finish("Succeeded", 0)
+        if not step.reports:
+            return None
+        try:
+            summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise RuntimeFailure(f"step {step.name} succeeded but left no summary in {summary_file}") from None
+        return summary
+
+    def _process(self, state: _State, command: list[str], env: dict[str, str], log_file: IO[bytes], limit: int) -> None:
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        except OSError as exc:
+            state.finish("Failed", None)
+            raise RuntimeFailure(f"step {state.step} could not start: {exc}") from None
+        state.start(process.pid)
+        lock = threading.Lock()
+        copies = [
+            threading.Thread(target=_tee, args=(stream, log_file, lock), daemon=True)
+            for stream in (process.stdout, process.stderr)
+        ]
+        for copy in copies:
+            copy.start()
+        try:
+            code = _wait(process, limit)
+        except KeyboardInterrupt:  # Ctrl-C reached the step too; record how it ended
+            _stop(process)
+            state.finish("Cancelled", process.returncode)
+            raise
+        for copy in copies:
+            copy.join(timeout=5)
+        if code is None:
+            state.finish("Failed", None)
+            raise StepFailed(state.step, f"ran past its deadline of {limit} s and was stopped", 1)
+        if stop_requested():
+            state.finish("Cancelled", code)
+            raise Interrupted(f"stopped by SIGTERM during step {state.step}")
+        if code != 0:
+            state.finish("Failed", code)
+            raise StepFailed(
+                state.step, f"failed with exit code {code} (its error is above)", code if code in (1, 2) else 1
+            )
+
+    # -- status, logs, cancel -----------------------------------------------------------------
+
+    def status(self, run_id: str | None = None) -> list[StepStatus]:
+        root = self.data_root / PIPELINES_DIR
+        pattern = f"{run_id}/*.json" if run_id else "*/*.json"
+        rows = [_row(path) for path in root.glob(pattern) if not path.name.endswith(".summary.json")]
+        return order_rows([row for row in rows if row is not None])
+
+    def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
+        chosen = pick_step(self.status(run_id), run_id, step, self.where)
+        path = self._run_dir(run_id) / f"{chosen.step}.log"
+        if not path.exists():
+            raise InputError(f"step {chosen.step} of run {run_id} has no log yet (state: {chosen.state})")
+        return str(path), _read_log(path, self._run_dir(run_id) / f"{chosen.step}.json", follow)
+
+    def cancel(self, run_id: str) -> list[str]:
+        rows = self.status(run_id)
+        if not rows:
+            raise InputError(f"no run {run_id!r} in {self.where} (saige-k8s status --local lists the runs)")
+        stopped = []
+        for row in rows:
+            if row.state == "Running" and row.job.isdigit() and _alive(int(row.job)):
+                os.kill(int(row.job), signal.SIGTERM)
+                stopped.append(f"step {row.step} (process {row.job})")
+        return stopped
+
+    def _run_dir(self, run_id: str) -> Path:
+        return self.data_root / PIPELINES_DIR / run_id
 
 
-@dataclass(frozen=True)
-class LocalRun:
-    run_id: str
-    dataset: dict[str, Any]
-    run_dir: Path
-    metrics: dict[str, Any]
+class _State:
+    """A step's state file, replaced whole on each change so a reader never sees half of one."""
+
+    def __init__(self, path: Path, run: Run, step: StepName) -> None:
+        self.path, self.step = path, step
+        self.values: dict[str, Any] = {"run_id": run.run_id, "pipeline": run.spec.name, "step": step}
+        self._write(state="Pending", pid=None, started=_now(), finished="", exit_code=None)
+
+    def start(self, pid: int) -> None:
+        self._write(state="Running", pid=pid)
+
+    def finish(self, state: str, exit_code: int | None) -> None:
+        self._write(state=state, exit_code=exit_code, finished=_now())
+
+    def _write(self, **values: Any) -> None:
+        self.values.update(values)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.values) + "\n", encoding="utf-8")
+        temporary.replace(self.path)
 
 
 def run_local(
-    spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str | None = None, pushgateway: str | None = None
-) -> LocalRun:
-    """Run the pipeline's steps here; afterwards, success or failure, write and push its
-    pipeline metrics (a failure still raises its own error). The steps push their own
-    metrics to ``pushgateway`` too (passed on as ``$SAIGE_PUSHGATEWAY_URL``)."""
-    started = time.time()
-    succeeded = False
-    try:
-        result = _run(spec, spec_path, data_root, run_id or new_run_id(spec.name), pushgateway)
-        succeeded = True
-        return result
-    finally:
-        _record(spec.name, data_root, pushgateway, succeeded, started, time.time())
-
-
-def _record(
-    pipeline: str, data_root: Path, gateway: str | None, succeeded: bool, started: float, finished: float
-) -> None:
-    try:
-        directory = data_root / METRICS_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        prometheus.write_pipeline_textfile(directory, pipeline, succeeded, started, finished)
-    except OSError as exc:
-        log.warning("could not write the pipeline metrics: %s", exc)
-    prometheus.push_pipeline_result(pipeline, gateway, succeeded, started, finished)
-
-
-def _run(spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str, pushgateway: str | None) -> LocalRun:
-    programs = Programs.local()
-    env = {**os.environ, prometheus.PUSHGATEWAY_ENV: pushgateway} if pushgateway else None
+    spec: PipelineSpec, spec_path: Path, data_root: Path, run_id: str, say: Say, pushgateway: str | None = None
+) -> Outcome:
+    """The pipeline on this machine; its steps push their metrics to ``pushgateway`` too."""
     data_root.mkdir(parents=True, exist_ok=True)
-    if spec.collect is not None:
-        # Locally the command runs as given; secret_env values must already be in this environment.
-        _step("collect", list(spec.collect.command), env={**os.environ, **(env or {}), **spec.collect.env})
-    demo = spec.source.demo
-    if demo is not None and spec.source.url and "://" not in spec.source.url:
-        target = Path(spec.source.url).expanduser()
-        if not target.exists():
-            _step("demo-db", demo_db_command(programs, str(target), demo.rows, demo.seed))
-    summary = json.loads(
-        _step("extract", extract_command(programs, str(spec_path), str(data_root), run_id), capture=True, env=env)
-        .strip()
-        .splitlines()[-1]
-    )
-    check_min_examples(summary, spec.extract.min_examples)
-    run_dir = data_root / "runs" / run_id
-    processes = _local_processes(spec.train.gpus)
-    _step(
-        "train",
-        train_command(programs, str(spec_path), str(data_root), summary["dataset_id"], str(run_dir), processes),
-        env=env,
-    )
-    if spec.train.export:
-        _step("export", export_command(programs, str(run_dir)))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return LocalRun(run_id, summary, run_dir, metrics)
+    return run_pipeline(LocalBackend(data_root, spec_path, pushgateway), Run(spec, run_id), say, pushgateway)
 
 
-def _local_processes(gpus: int) -> int:
-    return max(1, min(gpus, local_gpus()))
+def _wait(process: subprocess.Popen[bytes], limit: int) -> int | None:
+    """The step's exit code, or None when it ran past ``limit`` seconds (it is stopped then).
+
+    A SIGTERM to the runner is passed on to the step, which checkpoints and exits.
+    """
+    ended = time.monotonic() + limit
+    while process.poll() is None:
+        if stop_requested():
+            _stop(process)
+            return process.returncode
+        if time.monotonic() >= ended:
+            _stop(process)
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.5)
+    return process.returncode
 
 
-def _step(name: str, command: list[str], capture: bool = False, env: dict[str, str] | None = None) -> str:
-    log.info("step %s: %s", name, " ".join(command))
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
     try:
-        done = subprocess.run(command, stdout=subprocess.PIPE if capture else None, text=True, check=False, env=env)
-    except OSError as exc:
-        raise RuntimeFailure(f"step {name} could not start: {exc}") from None
-    if done.returncode != 0:
-        raise StepFailed(name, done.returncode)
-    return done.stdout or ""
+        process.wait(timeout=GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _tee(stream: IO[bytes] | None, log_file: IO[bytes], lock: threading.Lock) -> None:
+    """The step's output to our stderr as it comes (progress bars too), and to its log."""
+    if stream is None:
+        return
+    for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
+        with lock:
+            log_file.write(chunk)
+            log_file.flush()
+            sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+
+def _read_log(path: Path, state_path: Path, follow: bool) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        while True:
+            line = lines.readline()
+            if line:
+                yield line.rstrip("\n")
+                continue
+            if not follow or _finished(state_path):
+                rest = lines.read()
+                yield from rest.splitlines()
+                return
+            time.sleep(0.5)
+
+
+def _finished(state_path: Path) -> bool:
+    try:
+        return json.loads(state_path.read_text(encoding="utf-8")).get("state") in _FINISHED
+    except (OSError, ValueError):
+        return True
+
+
+def _row(path: Path) -> StepStatus | None:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    state = values.get("state", "?")
+    pid = values.get("pid")
+    if state == "Running" and not (isinstance(pid, int) and _alive(pid)):
+        state = "Failed"  # the runner died with its step (killed, machine restarted)
+    return StepStatus(
+        run_id=values.get("run_id", path.parent.name),
+        pipeline=values.get("pipeline", "?"),
+        step=values.get("step", path.stem),
+        job=str(pid) if pid else "",
+        state=state,
+        started=values.get("started", ""),
+        finished=values.get("finished", ""),
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())

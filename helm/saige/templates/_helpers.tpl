@@ -122,21 +122,30 @@ chart's values. Rendered with toYaml into the ConfigMap.
 {{- end }}
 
 {{/*
-The hardened security contexts of every pod this chart runs (numeric UID 10001 = the images' user).
+The numeric UID and GID of every pod: pipeline.kubernetes.run_as_user, as for the step pods
+(10001, the images' user, when the pipeline leaves it out).
+*/}}
+{{- define "saige.uid" -}}
+{{- (.Values.pipeline.kubernetes | default dict).run_as_user | default 10001 }}
+{{- end }}
+
+{{/*
+The hardened security contexts of every pod this chart runs.
 */}}
 {{- define "saige.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
+runAsUser: {{ include "saige.uid" . }}
+runAsGroup: {{ include "saige.uid" . }}
+fsGroup: {{ include "saige.uid" . }}
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
 {{- define "saige.containerSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
+runAsUser: {{ include "saige.uid" . }}
+runAsGroup: {{ include "saige.uid" . }}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 privileged: false
