@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
 Alignment = Literal["excellent", "good", "moderate", "poor", "harmful"]
 PresetName = Literal["permissive", "default", "strict", "elite"]
 
-Harm = Annotated[float, Field(ge=0.0, le=1.0)]
-Score = Annotated[float, Field(ge=0.0, le=10.0)]
+
+def refuse_bool(value: object) -> object:
+    """YAML's ``true`` is not a threshold, though pydantic would read it as 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+#: A number that is not a boolean (ints pass: ``max_harm: 0`` is a threshold).
+NotBool = BeforeValidator(refuse_bool)
+Harm = Annotated[float, Field(ge=0.0, le=1.0), NotBool]
+Score = Annotated[float, Field(ge=0.0, le=10.0), NotBool]
 
 #: The seed's phases: bootstrap with permissive data, tighten as the model improves.
 PRESETS: Final[dict[str, dict[str, float | str]]] = {
@@ -45,7 +55,7 @@ class Filters(BaseModel):
     max_harm: Harm = 0.3
     min_buddhist: Score = 6.0
     min_alignment: Alignment = "good"
-    limit: Annotated[int, Field(gt=0)] | None = None
+    limit: Annotated[int, Field(gt=0), NotBool] | None = None
     max_deception: Harm | None = None
     max_harshness: Harm | None = None
     max_omission: Harm | None = None
@@ -56,7 +66,7 @@ class Filters(BaseModel):
     min_panna: Score | None = None
     min_upekkha: Score | None = None
     #: Weights for computing the weighted score where the table's value is NULL.
-    principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+    principle_weights: dict[str, Annotated[float, Field(ge=0.0), NotBool]] = Field(
         default_factory=lambda: dict.fromkeys(PRINCIPLES, 1.0)
     )
 
