@@ -24,7 +24,7 @@ _SECRET_WORD = r"pass|pwd|secret|token|key|credential|odbc_connect"
 _SECRET_KEY = re.compile(_SECRET_WORD, re.IGNORECASE)
 #: ``keyword = value`` in a libpq connection string, an ODBC string or a query.
 _ASSIGNMENT = re.compile(
-    rf"(?i)((?:{_SECRET_WORD})[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&;,'\")]+)"
+    rf"(?i)((?:{_SECRET_WORD})[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&;,'\")]*[^\s&;,'\"):])"
 )
 _USERINFO = re.compile(r"(://[^:/@\s]*):[^@\s]+@")
 #: SQLAlchemy's URL grammar reads only the first line of a query: the rest could hide anything.

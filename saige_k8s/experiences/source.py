@@ -59,6 +59,14 @@ def check_dialect(url: URL) -> None:
         raise ConfigError(f"the {url.drivername!r} database driver is not installed (no module {exc.name!r})") from None
 
 
+def _engine(url: URL) -> sa.Engine:
+    check_dialect(url)
+    try:
+        return sa.create_engine(url, poolclass=sa.pool.NullPool)
+    except (sa.exc.ArgumentError, TypeError, ValueError) as exc:  # e.g. a user and password on a SQLite URL
+        raise ConfigError(f"database URL {redact(url)} cannot be used: {scrub(str(exc), url)}") from None
+
+
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -113,8 +121,7 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ConfigError(f"source.columns: unknown key(s) {unknown}; valid keys are {list(COLUMNS)}")
-    check_dialect(url)
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             inspector = sa.inspect(conn)
@@ -247,7 +254,7 @@ def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordB
 
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             try:
