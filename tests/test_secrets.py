@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from saige_k8s.errors import ConfigError
 from saige_k8s.experiences.credentials import redact, refuse_credentials, scrub
-from saige_k8s.runners.jobs import Run, construct_controller_job, pipeline_jobs
+from saige_k8s.runners.jobs import Run, construct_controller_job, construct_step_job, pipeline_jobs
 from saige_k8s.spec import parse_spec
 from tests.conftest import _free_port, run_cli
 
@@ -130,7 +130,7 @@ def test_render_refuses_every_credential_form(tmp_path: Path, form: str) -> None
         assert len(lines) == 1 and "source.url" in lines[0], result.stderr
         assert SECRET not in result.output
     run = Run(parse_spec({"source": {"url": URLS[form]}}), "r1")
-    for build in (pipeline_jobs, construct_controller_job):
+    for build in (pipeline_jobs, construct_controller_job, lambda run: construct_step_job(run, "extract")):
         with pytest.raises(ConfigError) as caught:
             build(run)
         assert SECRET not in str(caught.value)

@@ -220,6 +220,7 @@ def spec_document(spec: PipelineSpec, with_kubernetes: bool = False) -> str:
     The ``kubernetes`` block stays out of the steps' copy (how the pods were made, not what they
     do); the controller's copy keeps it, since it makes the pods.
     """
+    check_secret_free(spec)  # every copy of the spec in a manifest is made here
     exclude = None if with_kubernetes else {"kubernetes"}
     values = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
     return yaml.safe_dump(values, sort_keys=False)
