@@ -35,6 +35,11 @@ def resolve_url(db: str | None) -> URL:
         raise ConfigError(f"no database given: pass --db PATH_OR_URL or set {DB_URL_ENV}")
     if "://" not in raw:
         path = Path(raw).expanduser()
+        if not path.is_file() and "=" in raw:
+            raise ConfigError(
+                "the database is neither a file nor a SQLAlchemy URL (a libpq connection string "
+                "is not accepted: pass a URL such as postgresql+psycopg://HOST/DB; value not shown)"
+            )
         if not path.is_file():
             raise InputError(f"database file not found: {redact(str(path))}")
         url = URL.create("sqlite", database=str(path.resolve()))
