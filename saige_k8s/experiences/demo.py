@@ -102,7 +102,7 @@ class DemoOptions:
 
 
 def experiences_table(metadata: sa.MetaData, name: str = "experiences") -> sa.Table:
-    """The default SAIGE schema (DESIGN §3.1)."""
+    """The default SAIGE schema."""
     return sa.Table(
         name,
         metadata,

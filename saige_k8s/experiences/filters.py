@@ -1,4 +1,4 @@
-"""Quality filters (DESIGN §3.2): thresholds, presets, and the order rows are judged in."""
+"""Quality filters: thresholds, presets, and the order rows are judged in."""
 
 from __future__ import annotations
 
