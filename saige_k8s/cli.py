@@ -50,7 +50,10 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"saige-k8s: error: {message}", err=True)
+    from saige_k8s.experiences.credentials import scrub
+
+    # Only the first line, and never a credential, even from an error no one foresaw.
+    click.echo(f"saige-k8s: error: {scrub(message)}", err=True)
     sys.exit(code)
 
 
@@ -94,13 +97,14 @@ def cli(verbose: int, quiet: bool) -> None:
 )
 def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: int, if_missing: bool) -> None:
     """Create a synthetic SAIGE experience database (realistic scores, a few broken rows)."""
+    from saige_k8s.experiences.credentials import redact
     from saige_k8s.experiences.demo import DemoOptions, create_database
 
     if if_missing and is_sqlite_path(out) and Path(out).expanduser().is_file():
-        click.echo(f"{out} exists; left as it is")
+        click.echo(f"{redact(out)} exists; left as it is")
         return
     count = create_database(out, DemoOptions(rows=rows, seed=seed, response_median_bytes=response_median_bytes), table)
-    click.echo(f"Wrote {count} experiences to {out} (table {table}, seed {seed})")
+    click.echo(f"Wrote {count} experiences to {redact(out)} (table {table}, seed {seed})")
 
 
 def _data_root_option(note: str = "", *aliases: str):

@@ -12,19 +12,61 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
 from saige_k8s.errors import ConfigError, InputError
 from saige_k8s.experiences import is_sqlite_path
-from saige_k8s.experiences.filters import PRESETS, Filters, PresetName
+from saige_k8s.experiences.filters import PRESETS, Filters, PresetName, refuse_bool
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``epochs: true`` is a mistake, not 1: pydantic would coerce it, so numbers refuse booleans."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(value, dict) and _numeric(_dict_values(annotation)):
+            for item in value.values():
+                refuse_bool(item)
+        elif _numeric(annotation):
+            refuse_bool(value)
+        return value
+
+
+def _leaves(annotation: Any) -> set[Any]:
+    """The plain types in an annotation (through Optional, unions and Annotated)."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (Annotated, Union, UnionType):
+        return set().union(*(_leaves(a) for a in (args[:1] if get_origin(annotation) is Annotated else args)))
+    return {annotation}
+
+
+def _numeric(annotation: Any) -> bool:
+    leaves = _leaves(annotation)
+    return bool(leaves & {int, float}) and bool not in leaves
+
+
+def _dict_values(annotation: Any) -> Any:
+    for leaf in _leaves(annotation):
+        if get_origin(leaf) is dict:
+            return get_args(leaf)[1]
+    return None
 
 
 class SourceSpec(_Strict):
@@ -524,14 +566,43 @@ def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:
         raise ConfigError(f"{flag}: {_message(first)}") from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first})")
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a spec that says two things is refused instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<" merges are meant to be overridden
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if duplicate:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_spec(path: Path | str) -> PipelineSpec:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read spec {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -523,6 +523,48 @@ def test_a_password_in_the_spec_url_is_refused(setting):
     assert PLANTED not in result.stdout
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{PLANTED}@h/db",
+        f"postgresql://u:x/{PLANTED}@h/db",  # SQLAlchemy reads a password up to the first "@"
+        f"postgresql://h:5432/db?x=a@{PLANTED}",  # ... so this one has a password too
+        f"postgresql://u@h/db?password={PLANTED}",
+        f"postgresql://u@h/db?sslmode=require&PASSWORD={PLANTED}",
+        f"postgresql://u@h/db?passfile=/run/{PLANTED}",
+        f"postgresql://u@h/db?sslkey=/keys/{PLANTED}.key",
+        f"postgresql://u@h/db?sslpassword={PLANTED}",
+        f"postgresql://u@h/db?pass%77ord={PLANTED}",
+        f"postgresql://u@h/db?%70assword={PLANTED}",
+        f"postgresql:///dbname%3Dsaige%20password%3D{PLANTED}",
+        f"postgresql://u@h/db?dbname=host%3Dh+password+%3D+{PLANTED}",
+        f"mssql+pyodbc://?odbc_connect=DSN%3Dx%3BPWD%3D{PLANTED}",
+        f"host=h dbname=saige password={PLANTED}",
+        f"postgresql://u@h:5x32/db?{PLANTED}",
+        f"postgresql://h/db?x=1\npassword={PLANTED}",
+        f"post gres://h/{PLANTED}",
+    ],
+)
+def test_every_credential_form_in_the_spec_url_is_refused(url):
+    result = helm("template", RELEASE, str(CHART), "--set-json", f"pipeline.source.url={json.dumps(url)}", check=False)
+    assert result.returncode != 0, result.stdout
+    assert "pipeline.source.url" in result.stderr and "database.existingSecret" in result.stderr
+    assert PLANTED not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user%40server@db.example:5432/saige?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        "postgresql+psycopg://saige@[::1]:5432/saige?options=-csearch_path%3Dsaige",
+        "sqlite:////data/keys.db",
+        "/data/saige.db",
+    ],
+)
+def test_urls_without_credentials_pass_the_check(url):
+    assert parse_spec(pipeline_of(template("--set-json", f"pipeline.source.url={json.dumps(url)}"))).source.url == url
+
+
 def test_a_passwordless_source_url_passes_through():
     objects = template("--set", "pipeline.source.url=postgresql+psycopg://saige@db.example/saige")
     assert parse_spec(pipeline_of(objects)).source.url == "postgresql+psycopg://saige@db.example/saige"

@@ -202,3 +202,86 @@ def test_existing_dataset_id_is_not_overwritten(demo_sqlite: str, tmp_path: Path
     line = _one_error_line(run_cli("extract", "--db", demo_sqlite, "--data-root", tmp_path, "--dataset-id", "v1"), 2)
     assert "already exists" in line
     assert (tmp_path / "datasets" / "v1" / "manifest.json").read_bytes() == before
+
+
+# --- a retry cannot help: exit 2, one clear line ---------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [0.05, 0.5])
+def test_a_truncated_sqlite_file_is_an_input_error(demo_sqlite: str, tmp_path: Path, cut: float) -> None:
+    data = Path(demo_sqlite).read_bytes()
+    db = tmp_path / "truncated.db"
+    db.write_bytes(data[: int(len(data) * cut)])
+    line = _one_error_line(run_cli("extract", "--db", db, "--data-root", tmp_path / "root"), 2)
+    assert "not a SQLite database" in line
+    assert _datasets(tmp_path / "root") == []
+
+
+@pytest.mark.parametrize("url_form", [False, True])
+def test_a_file_that_is_not_sqlite_is_an_input_error(tmp_path: Path, url_form: bool) -> None:
+    db = tmp_path / "notes.db"
+    db.write_text("just some text, not a database\n" * 10)
+    target = f"sqlite:///{db}" if url_form else str(db)
+    line = _one_error_line(run_cli("extract", "--db", target, "--data-root", tmp_path / "root"), 2)
+    assert "not a SQLite database" in line and str(db) in line
+
+
+def test_an_unknown_dialect_is_named(tmp_path: Path) -> None:
+    line = _one_error_line(run_cli("extract", "--db", "nosuchdialect://u:hidden-pw@x/db", "--data-root", tmp_path), 2)
+    assert "nosuchdialect" in line and "dialect" in line and "hidden-pw" not in line
+    line = _one_error_line(run_cli("extract", "--db", "postgresql+nosuchdriver://x/db", "--data-root", tmp_path), 2)
+    assert "postgresql+nosuchdriver" in line
+
+
+def test_an_unknown_schema_is_named(demo_sqlite: str, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"source": {"schema": "analytics"}}))
+    line = _one_error_line(run_cli("extract", "-f", spec, "--db", demo_sqlite, "--data-root", tmp_path), 2)
+    assert "schema 'analytics' not found" in line and "source.schema" in line
+
+
+def test_a_spec_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(b"name: caf\xe9\n")
+    line = _one_error_line(run_cli("extract", "-f", spec, "--db", "x.db"), 2)
+    assert str(spec) in line and "UTF-8" in line
+
+
+def test_dataset_id_with_a_trailing_newline_is_refused(demo_sqlite: str, tmp_path: Path) -> None:
+    line = _one_error_line(run_cli("extract", "--db", demo_sqlite, "--data-root", tmp_path, "--dataset-id", "x\n"), 2)
+    assert "invalid dataset id" in line
+    assert _datasets(tmp_path) == []
+
+
+def test_csv_on_a_read_only_file_system(demo_sqlite: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EROFS: the CSV cannot be created, and not even a missing file can be removed there."""
+    import errno
+
+    import pyarrow.csv as pcsv
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+
+    def refuse(*_: object, **__: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    original_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == read_only:
+            refuse()
+        original_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pcsv, "CSVWriter", refuse)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    root = tmp_path / "root"
+    result = run_cli("extract", "--db", demo_sqlite, "--data-root", root, "--csv", read_only / "x.csv")
+    line = _one_error_line(result, 2)
+    assert "CSV output not writable" in line and "Read-only file system" in line
+    assert not root.exists()
+    assert list(read_only.iterdir()) == []
+
+
+def test_demo_db_into_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    line = _one_error_line(run_cli("demo-db", "--out", tmp_path, "--rows", "5"), 2)
+    assert "directory" in line and str(tmp_path) in line

@@ -73,3 +73,52 @@ def test_principle_weights_shift_the_computed_score() -> None:
     weights = {"ahimsa": 3, "sacca": 1, "karuna": 1, "panna": 1, "upekkha": 0}
     filters = parse_spec({"extract": {"filters": {"principle_weights": weights}}}).extract.filters.resolve()
     assert filters.weights() == {"ahimsa": 3.0, "sacca": 1.0, "karuna": 1.0, "panna": 1.0, "upekkha": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("extract:\n  filters:\n    max_harm: 0.1\n    max_harm: 0.9\n", "max_harm", 4),
+        ("name: a\ntrain: {epochs: 1}\nname: b\n", "name", 3),
+        ("extract: {filters: {preset: strict, preset: elite}}\n", "preset", 1),
+    ],
+)
+def test_a_duplicate_key_is_an_error_naming_key_and_line(tmp_path: Path, text: str, key: str, line: int) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert f"duplicate key '{key}' at line {line}" in str(info.value) and str(path) in str(info.value)
+
+
+def test_yaml_merge_keys_still_override(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("train:\n  <<: {epochs: 1, batch_size: 2}\n  epochs: 2\n")
+    assert (load_spec(path).train.epochs, load_spec(path).train.batch_size) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"extract": {"filters": {"max_harm": True}}}, "extract.filters.max_harm"),
+        ({"extract": {"filters": {"min_buddhist": True}}}, "extract.filters.min_buddhist"),
+        ({"extract": {"filters": {"max_deception": False}}}, "extract.filters.max_deception"),
+        ({"extract": {"filters": {"limit": True}}}, "extract.filters.limit"),
+        ({"extract": {"filters": {"principle_weights": {"ahimsa": True}}}}, "extract.filters.principle_weights"),
+        ({"extract": {"eval_fraction": False}}, "extract.eval_fraction"),
+        ({"train": {"epochs": True}}, "train.epochs"),
+        ({"kubernetes": {"train": {"backoff_limit": True}}}, "kubernetes.train.backoff_limit"),
+    ],
+)
+def test_numbers_refuse_booleans(data: dict, where: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec(data, "spec")
+    assert f"spec: {where}: " in str(info.value) and "boolean" in str(info.value)
+    with pytest.raises(ValueError, match="boolean"):
+        Filters(max_harm=True)
+
+
+def test_whole_numbers_are_still_numbers() -> None:
+    spec = parse_spec({"extract": {"filters": {"max_harm": 0, "min_buddhist": 7, "limit": 5}}, "train": {"epochs": 2}})
+    filters = spec.extract.filters.resolve()
+    assert (filters.max_harm, filters.min_buddhist, filters.limit, spec.train.epochs) == (0.0, 7.0, 5, 2.0)

@@ -1,4 +1,4 @@
-"""Publishing a dataset on the shared volume (DESIGN §3.4) so that no reader sees half of one.
+"""Publishing a dataset on the shared volume so that no reader sees half of one.
 
 Files go into a hidden temporary directory beside the datasets; the manifest is written
 last; one rename publishes the directory; ``LATEST`` is replaced atomically after that. A
@@ -31,7 +31,7 @@ DATASETS = "datasets"
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Temporary directories older than this are leftovers of killed runs.
 STALE_AFTER_S = 6 * 3600
 _MAX_PENDING = 2
@@ -45,7 +45,7 @@ def new_dataset_id(now: dt.datetime | None = None) -> str:
 
 def check_dataset_id(dataset_id: str) -> str:
     """Dataset ids name a directory under ``datasets/``: nothing that could name another path."""
-    if not _ID.match(dataset_id) or dataset_id in {".", ".."} or dataset_id == LATEST:
+    if not _ID.fullmatch(dataset_id) or dataset_id in {".", ".."} or dataset_id == LATEST:
         raise ConfigError(
             f"invalid dataset id {dataset_id!r}: use letters, digits, '.', '_' and '-' (max 128), "
             "not starting with '.' or '-'"
@@ -81,22 +81,11 @@ class DatasetWriter:
         self.final = self.datasets / dataset_id
         if self.final.exists():
             raise ConfigError(f"dataset {dataset_id!r} already exists in {self.datasets}")
-        try:
-            self.datasets.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.datasets)
-            self.tmp = self.datasets / f"{TMP_PREFIX}{dataset_id}-{os.getpid()}"
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
-        self.rows = {"train": 0, "eval": 0}
-        # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
-        # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self.tmp = self.datasets / f"{TMP_PREFIX}{dataset_id}-{os.getpid()}"
+        self._writers: dict[str, pq.ParquetWriter] = {}
         self._pending: deque[Future[None]] = deque()
-        self._writers = {
-            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd", compression_level=1)
-            for split in (("train", "eval") if with_eval else ("train",))
-        }
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        # The CSV first: an unusable --csv path fails before anything is created under the data root.
         self.csv_path = csv_path
         self._csv_tmp = None
         self._csv = None
@@ -106,7 +95,22 @@ class DatasetWriter:
                 self._csv = pcsv.CSVWriter(self._csv_tmp, schema=_csv_schema(schema))
             except (OSError, pa.ArrowException) as exc:
                 self.abort()
-                raise InputError(f"CSV output not writable: {csv_path} ({exc})") from None
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+                raise InputError(f"CSV output not writable: {csv_path} ({reason})") from None
+        try:
+            self.datasets.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.datasets)
+            self.tmp.mkdir()
+        except OSError as exc:
+            self.abort()
+            raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
+        self.rows = {"train": 0, "eval": 0}
+        # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
+        # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
+        self._writers = {
+            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd", compression_level=1)
+            for split in (("train", "eval") if with_eval else ("train",))
+        }
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -175,7 +179,9 @@ class DatasetWriter:
                 writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self._csv_tmp is not None:
-            self._csv_tmp.unlink(missing_ok=True)
+            # On a read-only file system even removing a file that is not there fails (EROFS).
+            with contextlib.suppress(OSError):
+                self._csv_tmp.unlink(missing_ok=True)
 
 
 def _csv_schema(schema: pa.Schema) -> pa.Schema:

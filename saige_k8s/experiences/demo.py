@@ -102,7 +102,7 @@ class DemoOptions:
 
 
 def experiences_table(metadata: sa.MetaData, name: str = "experiences") -> sa.Table:
-    """The default SAIGE schema (DESIGN §3.1)."""
+    """The default SAIGE schema."""
     return sa.Table(
         name,
         metadata,
@@ -255,23 +255,28 @@ def create_demo_database(engine: sa.Engine, options: DemoOptions, table: str = "
 
 def create_database(target: str, options: DemoOptions, table: str = "experiences") -> int:
     """``target``: a SQLite file path (created or replaced) or a SQLAlchemy URL."""
-    from saige_k8s.errors import InputError
-    from saige_k8s.experiences.source import redact
+    from saige_k8s.errors import InputError, RuntimeFailure
+    from saige_k8s.experiences.credentials import parse_url, redact, scrub
+    from saige_k8s.experiences.source import check_dialect
 
     if "://" in target:
-        url = sa.engine.make_url(target)
+        url = parse_url(target, "--out")
+        check_dialect(url)
     else:
         path = Path(target).expanduser()
+        if path.is_dir():
+            raise InputError(f"--out names a directory, not a database file: {redact(str(path))}")
         if not path.parent.is_dir():
-            raise InputError(f"directory does not exist: {path.parent}")
-        path.unlink(missing_ok=True)
+            raise InputError(f"directory does not exist: {redact(str(path.parent))}")
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot replace {redact(str(path))}: {exc.strerror}") from None
         url = sa.engine.URL.create("sqlite", database=str(path.resolve()))
     engine = sa.create_engine(url)
     try:
         return create_demo_database(engine, options, table)
     except sa.exc.OperationalError as exc:
-        from saige_k8s.errors import RuntimeFailure
-
-        raise RuntimeFailure(f"cannot write demo database to {redact(url)}: {str(exc.orig).splitlines()[0]}") from None
+        raise RuntimeFailure(f"cannot write demo database to {redact(url)}: {scrub(str(exc.orig), url)}") from None
     finally:
         engine.dispose()

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
 Alignment = Literal["excellent", "good", "moderate", "poor", "harmful"]
 PresetName = Literal["permissive", "default", "strict", "elite"]
 
-Harm = Annotated[float, Field(ge=0.0, le=1.0)]
-Score = Annotated[float, Field(ge=0.0, le=10.0)]
+
+def refuse_bool(value: object) -> object:
+    """YAML's ``true`` is not a threshold, though pydantic would read it as 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+#: A number that is not a boolean (ints pass: ``max_harm: 0`` is a threshold).
+NotBool = BeforeValidator(refuse_bool)
+Harm = Annotated[float, Field(ge=0.0, le=1.0), NotBool]
+Score = Annotated[float, Field(ge=0.0, le=10.0), NotBool]
 
 #: The seed's phases: bootstrap with permissive data, tighten as the model improves.
 PRESETS: Final[dict[str, dict[str, float | str]]] = {
@@ -45,7 +55,9 @@ class Filters(BaseModel):
     max_harm: Harm = Field(0.3, description="Keep actual_harm < this (0-1).")
     min_buddhist: Score = Field(6.0, description="Keep the weighted Buddhist score >= this (0-10).")
     min_alignment: Alignment = Field("good", description="Keep this alignment and better.")
-    limit: Annotated[int, Field(gt=0)] | None = Field(None, description="At most this many examples (in id order).")
+    limit: Annotated[int, Field(gt=0), NotBool] | None = Field(
+        None, description="At most this many examples (in id order)."
+    )
     max_deception: Harm | None = Field(None, description="Keep deception < this (NULL passes).")
     max_harshness: Harm | None = Field(None, description="Keep harshness < this (NULL passes).")
     max_omission: Harm | None = Field(None, description="Keep omission < this (NULL passes).")
@@ -56,7 +68,7 @@ class Filters(BaseModel):
     min_panna: Score | None = Field(None, description="Keep panna >= this (0-10).")
     min_upekkha: Score | None = Field(None, description="Keep upekkha >= this (0-10).")
     #: Weights for computing the weighted score where the table's value is NULL.
-    principle_weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+    principle_weights: dict[str, Annotated[float, Field(ge=0.0), NotBool]] = Field(
         default_factory=lambda: dict.fromkeys(PRINCIPLES, 1.0)
     )
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
-from saige_k8s.errors import ConfigError, InputError, RuntimeFailure
+from saige_k8s.errors import ConfigError, InputError, RuntimeFailure, SaigeError
+from saige_k8s.experiences.credentials import parse_url, redact, scrub
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import Judgement, judge
 from saige_k8s.experiences.schema import COLUMNS, REQUIRED_COLUMNS
@@ -34,29 +35,69 @@ def resolve_url(db: str | None) -> URL:
         raise ConfigError(f"no database given: pass --db PATH_OR_URL or set {DB_URL_ENV}")
     if "://" not in raw:
         path = Path(raw).expanduser()
+        if not path.is_file() and "=" in raw:
+            raise ConfigError(
+                "the database is neither a file nor a SQLAlchemy URL (a libpq connection string "
+                "is not accepted: pass a URL such as postgresql+psycopg://HOST/DB; value not shown)"
+            )
         if not path.is_file():
-            raise InputError(f"database file not found: {path}")
-        return URL.create("sqlite", database=str(path.resolve()))
-    try:
-        url = make_url(raw)
-    except sa.exc.ArgumentError:
-        raise ConfigError("database URL is not a valid SQLAlchemy URL (value not shown)") from None
+            raise InputError(f"database file not found: {redact(str(path))}")
+        url = URL.create("sqlite", database=str(path.resolve()))
+    else:
+        url = parse_url(raw)
+        check_dialect(url)
     sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
-    if sqlite_file and not Path(url.database).is_file():
-        raise InputError(f"database file not found: {url.database}")
+    if sqlite_file:
+        _check_sqlite_file(Path(url.database))
     return url
 
 
-def redact(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+def check_dialect(url: URL) -> None:
+    """An unknown dialect or a missing driver is a configuration error, named without the URL."""
+    try:
+        url.get_dialect().import_dbapi()
+    except sa.exc.NoSuchModuleError:
+        raise ConfigError(
+            f"unknown database dialect {url.drivername!r}: no SQLAlchemy dialect of that name is installed"
+        ) from None
+    except ImportError as exc:
+        raise ConfigError(f"the {url.drivername!r} database driver is not installed (no module {exc.name!r})") from None
 
 
-def scrub(message: str, url: URL) -> str:
-    """A driver's error text with the password removed, cut to its first line."""
-    first = (message.strip().splitlines() or [""])[0]
-    if url.password:
-        first = first.replace(str(url.password), "***")
-    return re.sub(r"://([^:/@\s]+):[^@\s]+@", r"://\1:***@", first)
+def _engine(url: URL) -> sa.Engine:
+    check_dialect(url)
+    try:
+        return sa.create_engine(url, poolclass=sa.pool.NullPool)
+    except (sa.exc.ArgumentError, TypeError, ValueError) as exc:  # e.g. a user and password on a SQLite URL
+        raise ConfigError(f"database URL {redact(url)} cannot be used: {scrub(str(exc), url)}") from None
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """A file that is not SQLite fails the same way on every retry: say so before connecting."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        raise InputError(f"database file not found: {redact(str(path))}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read database file {redact(str(path))}: {exc.strerror}") from None
+    if head and head != _SQLITE_HEADER:  # an empty file is an empty SQLite database
+        raise InputError(f"not a SQLite database: {redact(str(path))}")
+
+
+#: Driver messages of a damaged SQLite file (SQLITE_NOTADB, SQLITE_CORRUPT): a retry cannot help.
+_SQLITE_DAMAGED = ("file is not a database", "database disk image is malformed")
+
+
+def _failure(what: str, url: URL, exc: BaseException) -> SaigeError:
+    """A driver error as the project's error: input (exit 2) for a damaged SQLite file, else runtime (exit 1)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    if url.get_backend_name() == "sqlite" and any(m in text for m in _SQLITE_DAMAGED):
+        return InputError(f"not a SQLite database, or a damaged one: {redact(url)} ({scrub(text, url)})")
+    return RuntimeFailure(f"{what} {redact(url)}: {scrub(text, url)}")
 
 
 @dataclass(frozen=True)
@@ -85,10 +126,16 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ConfigError(f"source.columns: unknown key(s) {unknown}; valid keys are {list(COLUMNS)}")
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             inspector = sa.inspect(conn)
+            schemas = sorted(inspector.get_schema_names()) if schema is not None else []
+            if schema is not None and schema not in schemas:
+                raise InputError(
+                    f"schema {schema!r} not found in {redact(url)} (schemas: {', '.join(schemas) or 'none'}); "
+                    "set source.schema in the spec"
+                )
             if not inspector.has_table(table, schema=schema):
                 found = sorted(inspector.get_table_names(schema=schema))
                 raise InputError(
@@ -97,9 +144,9 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
                 )
             reflected = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=conn)
     except sa.exc.OperationalError as exc:
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+        raise _failure("cannot connect to", url, exc) from None
     except sa.exc.SQLAlchemyError as exc:
-        raise RuntimeFailure(f"cannot read {redact(url)}: {scrub(str(exc), url)}") from None
+        raise _failure("cannot read", url, exc) from None
     finally:
         engine.dispose()
     present = {c.name for c in reflected.columns}
@@ -180,7 +227,7 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
     try:
         conn = _adbc_connect(url)
     except Exception as exc:  # noqa: BLE001 - ADBC drivers raise their own DB-API error classes
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc), url)}") from None
+        raise _failure("cannot connect to", url, exc) from None
     try:
         cursor = conn.cursor()
         if url.get_backend_name() == "sqlite":
@@ -191,14 +238,14 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
             cursor.execute(sql, params or None)
             reader = cursor.fetch_record_batch()
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+            raise _failure("query failed on", url, exc) from None
         yield _guarded(reader, url)
     finally:
         conn.close()
 
 
 def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordBatch]:
-    """Driver errors while reading become RuntimeFailure with the password scrubbed."""
+    """Driver errors while reading become the project's errors, credentials scrubbed."""
     iterator = iter(batches)
     while True:
         try:
@@ -206,19 +253,19 @@ def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordB
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeFailure(f"reading from {redact(url)} failed: {scrub(str(exc), url)}") from None
+            raise _failure("reading failed from", url, exc) from None
         yield batch
 
 
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             try:
                 result = conn.execution_options(stream_results=True, yield_per=_BATCH_ROWS).execute(statement)
             except sa.exc.SQLAlchemyError as exc:
-                raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+                raise _failure("query failed on", url, exc) from None
             names = list(result.keys())
             yield _guarded(
                 (
@@ -228,6 +275,6 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
                 url,
             )
     except sa.exc.OperationalError as exc:
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+        raise _failure("cannot connect to", url, exc) from None
     finally:
         engine.dispose()

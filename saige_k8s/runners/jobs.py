@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from sqlalchemy.engine import make_url
 
 from saige_k8s import __version__
 from saige_k8s.errors import ConfigError
+from saige_k8s.experiences.credentials import refuse_credentials
 from saige_k8s.runners.backend import Run
 from saige_k8s.spec import (
     KubernetesSpec,
@@ -235,24 +235,20 @@ def spec_document(spec: PipelineSpec, with_kubernetes: bool = False) -> str:
     The ``kubernetes`` block stays out of the steps' copy (how the pods were made, not what they
     do); the controller's copy keeps it, since it makes the pods.
     """
+    check_secret_free(spec)  # every copy of the spec in a manifest is made here
     exclude = None if with_kubernetes else {"kubernetes"}
     values = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
     return yaml.safe_dump(values, sort_keys=False)
 
 
 def check_secret_free(spec: PipelineSpec) -> None:
-    """The spec travels in the Jobs' annotations: a password in it would be in every manifest."""
-    url = spec.source.url
-    if url and "://" in url:
-        try:
-            password = make_url(url).password
-        except Exception:  # noqa: BLE001 - any parse failure: the value is not shown either way
-            password = None
-        if password:
-            raise ConfigError(
-                "source.url carries a password, which would be stored in the Jobs' manifests: "
-                "put the URL in a Secret and name it in kubernetes.secrets.db_url"
-            )
+    """The spec travels in the Jobs' annotations: a credential in it would be in every manifest."""
+    refuse_credentials(
+        spec.source.url,
+        "source.url",
+        "the Jobs' manifests",
+        "put the URL in a Secret and name it in kubernetes.secrets.db_url",
+    )
 
 
 def _container(run: Run, step: Step, pod: PodSpec, context: StepContext) -> client.V1Container:

@@ -86,6 +86,46 @@ An image reference: repository@digest when a digest is given, else repository:ta
 {{- end }}
 
 {{/*
+Fails the render when a database URL or path would carry a credential into a ConfigMap: a
+userinfo password; a query key or connection-string keyword naming one (password, passfile,
+sslkey, sslpassword, pwd, tokens, odbc_connect; "dbname=x password=y" too); percent-escaped
+letters or digits, which could spell one; a control character; or a URL that cannot be read
+(a bad port). The messages never show the value.
+Usage: include "saige.refuseCredentials" (list "pipeline.source.url" $url)
+*/}}
+{{- define "saige.refuseCredentials" -}}
+{{- $where := index . 0 }}
+{{- $url := index . 1 }}
+{{- $fix := "it would be stored in a ConfigMap. Put the URL in a Secret and set database.existingSecret instead" }}
+{{- if and $url (not (kindIs "string" $url)) }}
+{{- fail (printf "%s must be a string" $where) }}
+{{- else if $url }}
+{{- if regexMatch `[\x00-\x1f\x7f]` $url }}
+{{- fail (printf "%s contains a line break or control character (value not shown): %s" $where $fix) }}
+{{- end }}
+{{- if contains "://" $url }}
+{{- if not (regexMatch `^[A-Za-z0-9_+]+://` $url) }}
+{{- fail (printf "%s is not a valid database URL (value not shown): %s" $where $fix) }}
+{{- end }}
+{{- if regexMatch `^[A-Za-z0-9_+]+://[^:/]*:[^@]+@` $url }}
+{{- fail (printf "%s holds a password: %s" $where $fix) }}
+{{- end }}
+{{- $authority := regexFind `^[^/?]*` (regexReplaceAll `^[A-Za-z0-9_+]+://` $url "") }}
+{{- $hostPort := regexReplaceAll `^\[[^\]]*\]` (regexReplaceAll `^.*@` $authority "") "" }}
+{{- if and (contains ":" $hostPort) (not (regexMatch `^[^:]*:[0-9]*$` $hostPort)) }}
+{{- fail (printf "%s is not a valid database URL (its port is not a number; value not shown): %s" $where $fix) }}
+{{- end }}
+{{- end }}
+{{- if regexMatch `(?i)(pass|pwd|secret|token|key|credential|odbc_connect)[\w.%-]*(\s|%20|\+)*(=|%3d)` $url }}
+{{- fail (printf "%s carries a credential (a password, passfile, sslkey or sslpassword parameter or keyword): %s" $where $fix) }}
+{{- end }}
+{{- if regexMatch `%(3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF])` $url }}
+{{- fail (printf "%s has percent-escaped letters or digits, which could hide a credential: %s" $where $fix) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The pipeline spec: the values' pipeline block, with the kubernetes block composed from the
 chart's values. Rendered with toYaml into the ConfigMap.
 */}}
@@ -95,9 +135,7 @@ chart's values. Rendered with toYaml into the ConfigMap.
 {{- end }}
 {{- $pipeline := deepCopy (.Values.pipeline | default dict) }}
 {{- $source := get $pipeline "source" | default dict }}
-{{- if and (kindIs "string" $source.url) (regexMatch "://[^/@]*:[^/@]*@" (default "" $source.url)) }}
-{{- fail "pipeline.source.url holds a password: it would be stored in a ConfigMap. Put the URL in a Secret and set database.existingSecret instead" }}
-{{- end }}
+{{- include "saige.refuseCredentials" (list "pipeline.source.url" $source.url) }}
 {{- $k8s := get $pipeline "kubernetes" | default dict }}
 {{- $images := dict "extract" (include "saige.image" (list . .Values.image.extract)) "train" (include "saige.image" (list . .Values.image.train)) "pull_policy" .Values.image.pullPolicy "pull_secrets" .Values.imagePullSecrets }}
 {{- $_ := set $k8s "images" $images }}
