@@ -23,7 +23,7 @@ from saige_k8s.errors import InputError, SaigeError
 from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.filters import PRESETS, Filters, PresetName
 from saige_k8s.lifecycle import install_sigterm_handler
-from saige_k8s.spec import DATA_ROOT_ENV, STEP_NAMES, TrainSpec, resolve_data_root
+from saige_k8s.spec import DATA_ROOT_ENV, STEP_NAMES, StepName, TrainSpec, resolve_data_root
 
 log = logging.getLogger("saige_k8s")
 
@@ -268,7 +268,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
     """The train flags; each overrides the spec's ``train:`` key of the same name."""
     default = TrainSpec()
     fields = TrainSpec.model_fields
-    flags = [
+    flags: list[tuple[str, dict[str, Any]]] = [
         (
             "--model",
             {
@@ -572,9 +572,9 @@ def status(run_id: str | None, fmt: str, **where: Any) -> None:
 @_backend_options
 @click.option("--step", type=click.Choice(STEP_NAMES), help="[default: the latest]")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step ends.")
-def logs(run_id: str, step: str | None, follow: bool, **where: Any) -> None:
+def logs(run_id: str, step: StepName | None, follow: bool, **where: Any) -> None:
     """Print the log of a run's step (its newest pod, or its log file with --local)."""
-    source, lines = _backend(where).logs(run_id, step, follow)  # type: ignore[arg-type]  # a choice of STEP_NAMES
+    source, lines = _backend(where).logs(run_id, step, follow)
     _say(f"{'log' if where['local'] or where['data_root'] else 'pod'} {source}:")
     for line in lines:
         click.echo(line)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -109,15 +109,18 @@ def _optional(annotation: Any, constraints: list[Any]) -> Any:
 
 
 #: Every threshold of ``Filters``, optional: what a spec leaves out comes from its preset.
-FilterSpec = create_model(
-    "FilterSpec",
-    __base__=_FilterSpecBase,
-    __doc__=_FilterSpecBase.__doc__,
-    **{
-        name: (_optional(field.annotation, field.metadata), Field(None, description=field.description))
-        for name, field in Filters.model_fields.items()
-    },
-)
+if TYPE_CHECKING:  # the checker sees the base; the fields are made from Filters' own
+    FilterSpec = _FilterSpecBase
+else:
+    FilterSpec = create_model(
+        "FilterSpec",
+        __base__=_FilterSpecBase,
+        __doc__=_FilterSpecBase.__doc__,
+        **{
+            name: (_optional(field.annotation, field.metadata), Field(None, description=field.description))
+            for name, field in Filters.model_fields.items()
+        },
+    )
 
 
 class ExtractSpec(_Strict):
@@ -218,7 +221,7 @@ class PodSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(defaults)
     for key, value in given.items():
         base = merged.get(key)

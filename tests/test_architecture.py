@@ -1,4 +1,4 @@
-"""Layers (DESIGN §2) hold: checked by import-linter's contracts in pyproject.toml."""
+"""The layers hold: checked by import-linter's contracts in pyproject.toml."""
 
 from __future__ import annotations
 

@@ -374,7 +374,7 @@ def _container_security(kube: KubernetesSpec) -> client.V1SecurityContext:
     )
 
 
-def _labels(run: Run, step: Step) -> dict[str, str]:
+def _labels(run: Run, step: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "saige-k8s",
         "app.kubernetes.io/instance": run.spec.name,
