@@ -98,6 +98,22 @@ class Backend(abc.ABC):
     def cancel(self, run_id: str) -> list[str]:
         """Stops the run's steps; what was stopped."""
 
+    @staticmethod
+    def ordered(rows: list[StepStatus]) -> list[StepStatus]:
+        """Run, then pipeline order; the controller's own row first."""
+        order = {name: i for i, name in enumerate(("submit", *STEP_NAMES))}
+        return sorted(rows, key=lambda row: (row.run_id, order.get(row.step, len(order))))
+
+    def pick(self, run_id: str, step: StepName | None) -> StepStatus:
+        """The row whose log ``logs`` shows: the step asked for, else the run's latest."""
+        rows = self.status(run_id)
+        if not rows:
+            raise InputError(f"no run {run_id!r} in {self.where} (saige-k8s status lists the runs)")
+        chosen = next((row for row in rows if row.step == step), None) if step else rows[-1]
+        if chosen is None:
+            raise InputError(f"run {run_id} has no {step} step (it has: {', '.join(row.step for row in rows)})")
+        return chosen
+
     def metrics_dir(self) -> Path | None:
         """Where the pipeline's metrics are also written as a text file (None: pushed only)."""
         return None
@@ -128,19 +144,3 @@ def run_pipeline(backend: Backend, run: Run, say: Say, pushgateway: str | None =
         prometheus.record_pipeline_result(
             run.spec.name, backend.metrics_dir(), pushgateway, succeeded, started, time.time()
         )
-
-
-def order_rows(rows: list[StepStatus]) -> list[StepStatus]:
-    """Run, then pipeline order; the controller's own row first."""
-    order = {name: i for i, name in enumerate(("submit", *STEP_NAMES))}
-    return sorted(rows, key=lambda row: (row.run_id, order.get(row.step, len(order))))
-
-
-def pick_step(rows: list[StepStatus], run_id: str, step: StepName | None, where: str) -> StepStatus:
-    """The row whose log ``logs`` shows: the step asked for, else the run's latest."""
-    if not rows:
-        raise InputError(f"no run {run_id!r} in {where} (saige-k8s status lists the runs)")
-    chosen = next((row for row in rows if row.step == step), None) if step else rows[-1]
-    if chosen is None:
-        raise InputError(f"run {run_id} has no {step} step (it has: {', '.join(row.step for row in rows)})")
-    return chosen

@@ -16,17 +16,7 @@ from typing import Any
 from kubernetes import client
 
 from saige_k8s.errors import InputError, RuntimeFailure
-from saige_k8s.runners.backend import (
-    Backend,
-    Outcome,
-    Run,
-    Say,
-    StepFailed,
-    StepStatus,
-    order_rows,
-    pick_step,
-    run_pipeline,
-)
+from saige_k8s.runners.backend import Backend, Outcome, Run, Say, StepFailed, StepStatus, run_pipeline
 from saige_k8s.runners.jobs import (
     CONFIG_ERROR_EXIT,
     CONTROLLER,
@@ -92,10 +82,10 @@ class KubernetesBackend(Backend):
                     finished=finished.isoformat(timespec="seconds") if finished else "",
                 )
             )
-        return order_rows(rows)
+        return self.ordered(rows)
 
     def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
-        chosen = pick_step(self.status(run_id), run_id, step, self.where)
+        chosen = self.pick(run_id, step)
         pods = self.cluster.job_pods(chosen.job)
         if not pods:
             raise InputError(f"Job {chosen.job} has no pod yet (state: {chosen.state})")

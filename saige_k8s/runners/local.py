@@ -24,17 +24,7 @@ from typing import IO, Any
 from saige_k8s import metrics as prometheus
 from saige_k8s.errors import InputError, Interrupted, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
-from saige_k8s.runners.backend import (
-    Backend,
-    Outcome,
-    Run,
-    Say,
-    StepFailed,
-    StepStatus,
-    order_rows,
-    pick_step,
-    run_pipeline,
-)
+from saige_k8s.runners.backend import Backend, Outcome, Run, Say, StepFailed, StepStatus, run_pipeline
 from saige_k8s.spec import PipelineSpec, Programs, Step, StepContext, StepName
 from saige_k8s.training.devices import local_gpus
 
@@ -138,10 +128,10 @@ class LocalBackend(Backend):
         root = self.data_root / PIPELINES_DIR
         pattern = f"{run_id}/*.json" if run_id else "*/*.json"
         rows = [_row(path) for path in root.glob(pattern) if not path.name.endswith(".summary.json")]
-        return order_rows([row for row in rows if row is not None])
+        return self.ordered([row for row in rows if row is not None])
 
     def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
-        chosen = pick_step(self.status(run_id), run_id, step, self.where)
+        chosen = self.pick(run_id, step)
         path = self._run_dir(run_id) / f"{chosen.step}.log"
         if not path.exists():
             raise InputError(f"step {chosen.step} of run {run_id} has no log yet (state: {chosen.state})")
