@@ -13,13 +13,14 @@ from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from saige_k8s.dataset.formats import ChatFormat, render
 from saige_k8s.errors import ConfigError
+from saige_k8s.experiences.filters import NotBool
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 from saige_k8s.yamlfile import parse_yaml, read_yaml
 
@@ -77,12 +78,14 @@ class Scenario(_Strict):
 class _SuiteFile(_Strict):
     """One file's scenarios: a user's file need not cover every target, the whole suite must."""
 
-    version: Literal[1]
-    scenarios: tuple[Scenario, ...] = Field(strict=False, min_length=1)  # lax only to take YAML's list
+    version: Annotated[Literal[1], NotBool]
+    scenarios: list[Scenario]
 
     @field_validator("scenarios")
     @classmethod
-    def _unique_ids(cls, value: tuple[Scenario, ...]) -> tuple[Scenario, ...]:
+    def _unique_ids(cls, value: list[Scenario]) -> list[Scenario]:
+        if not value:
+            raise ValueError("expected at least one scenario")
         first: dict[str, int] = {}
         for index, scenario in enumerate(value):
             if scenario.id in first:
@@ -98,7 +101,7 @@ class _SuiteFile(_Strict):
 class Suite(_SuiteFile):
     @field_validator("scenarios")
     @classmethod
-    def _every_target(cls, value: tuple[Scenario, ...]) -> tuple[Scenario, ...]:
+    def _every_target(cls, value: list[Scenario]) -> list[Scenario]:
         counts = Counter(scenario.target for scenario in value)
         thin = [f"{target} ({counts[target]})" for target in TARGETS if counts[target] < MIN_PER_TARGET]
         if thin:
@@ -153,6 +156,6 @@ def _message(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
     message = str(error["msg"]).removeprefix("Value error, ")
-    if "input" in error and not isinstance(error["input"], dict | list | tuple | BaseModel):
+    if "input" in error and not isinstance(error["input"], dict | list | BaseModel):
         message += f" (got {error['input']!r})"
     return message
