@@ -146,6 +146,7 @@ def _describe(exc: ValidationError, origin: str) -> str:
     """The first problem as ``origin: scenarios[3].good: message``: the spec's phrasing, with list indexes."""
     errors = exc.errors()
     first = errors[0]
+    # A list-wide check (a duplicate id) says in its ctx which item and field it is about.
     loc = (*first["loc"], *first.get("ctx", {}).get("loc", ()))
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
