@@ -15,7 +15,6 @@ from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -31,6 +30,7 @@ from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
 from saige_k8s.errors import ConfigError, InputError
 from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.filters import PRESETS, Filters, PresetName, refuse_bool
+from saige_k8s.yamlfile import read_yaml
 
 
 class _Strict(BaseModel):
@@ -569,47 +569,9 @@ def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:
         raise ConfigError(f"{flag}: {_message(first)}") from None
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first})")
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys; a spec that says two things is refused instead."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<" merges are meant to be overridden
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if duplicate:
-                raise _DuplicateKey(key, line, seen[key])
-            seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def load_spec(path: Path | str) -> PipelineSpec:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read spec {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    try:
-        data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    data = read_yaml(path, "spec")
     return parse_spec(data if data is not None else {}, str(path))
 
 
