@@ -151,8 +151,8 @@ class Evaluator:
                 sums, held_out = self._sums(examples), self._sums(evaluation)
         means = sums[:, 0] / np.maximum(sums[:, 1], 1)
         margins = means[0::2] - means[1::2]
-        eval_loss = float(-held_out[:, 0].sum() / held_out[:, 1].sum()) if len(held_out) and held_out[:, 1].sum() else None
-        return Scored(margins, eval_loss)
+        tokens = held_out[:, 1].sum()
+        return Scored(margins, float(-held_out[:, 0].sum() / tokens) if tokens else None)
 
     def _sums(self, examples: Sequence[Example]) -> np.ndarray:
         if not examples:
