@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +300,13 @@ def test_gate_spec_defaults_and_validation() -> None:
         assert str(info.value) == message
     assert GateSpec.from_mapping({"min_items": 10}).min_items == 10
     assert GateSpec.from_mapping(None) == GateSpec()
+
+
+def test_evaluation_imports_no_torch() -> None:
+    code = (
+        "import sys, saige_k8s.evaluation.compare, saige_k8s.evaluation.gate, saige_k8s.evaluation.champion; "
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(root)})

@@ -78,8 +78,8 @@ class ChampionStore:
 
     def record(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Append one verdict (``run_id`` and ``verdict`` required; the rest defaulted) durably."""
-        full, line = _encode(entry)
         with self._exclusive_lock():
+            full, line = _encode(entry)  # stamped under the lock, so times follow the file's order
             self._append(line)
         return full
 
@@ -127,8 +127,8 @@ class ChampionStore:
             "figures": dict(figures or {}),
             "by": by,
         }
-        full, line = _encode(entry)  # a bad entry is refused before CHAMPION changes
         with self._exclusive_lock():
+            full, line = _encode(entry)  # a bad entry is refused before CHAMPION changes
             self._swap(run_id)
             self._append(line)
         return full

@@ -82,7 +82,7 @@ def decide(
     baseline_eval_loss: float | None = None,
 ) -> Verdict:
     """Promote unless some gated group regressed, the overall win rate fell, or eval loss rose."""
-    level = f"{round(comparison.confidence * 100):g}%"
+    level = f"{comparison.confidence * 100:g}%"
     overall = comparison.overall
     failures: list[str] = []
     notes: list[str] = []
