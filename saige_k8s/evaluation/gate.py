@@ -30,7 +30,7 @@ class GateSpec(BaseModel):
     #: A group regresses when the upper end of its mean-margin delta interval is below minus this:
     #: it is then worse by more than the tolerance with 95% confidence, not merely by noise.
     margin_tolerance: Annotated[float, Field(ge=0.0), NotBool] = 0.05
-    #: Default 5: below that a sign test cannot reach p < 0.05 and a bootstrap interval means little.
+    #: Default 5: an interval over fewer items is too coarse to trust (four items have 35 resampled means).
     #: Smaller principle/component groups are reported but do not gate; fewer items overall rejects
     #: (there is nothing to judge the candidate on).
     min_items: Annotated[int, Field(ge=1), NotBool] = 5
