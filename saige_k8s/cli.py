@@ -619,6 +619,127 @@ def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str)
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@_spec_option("Pipeline spec (YAML): its name (the champion's), evaluate: block and data_root.")
+@_data_root_option("The champion is DATA_ROOT/models/NAME/CHAMPION.")
+@click.option(
+    "--suite",
+    "suites",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="More scenario files, appended to the shipped suite (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
+@click.option(
+    "--summary-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the JSON summary here (a pod's /dev/termination-log, read by the controller).",
+)
+@_pushgateway_option("evaluation metrics", "eval.prom is always written into the run directory")
+def evaluate(
+    run_dir: Path,
+    spec_path: Path | None,
+    data_root: Path | None,
+    suites: tuple[Path, ...],
+    as_json: bool,
+    summary_file: Path | None,
+    pushgateway: str | None,
+) -> None:
+    """Compare a trained run with the champion, item by item, and promote it or reject it.
+
+    Both score the dataset's held-out preference pairs and the shipped scenario suite (per
+    principle and harm component); the paired differences go through the spec's gate.
+    Writes RUN_DIR/eval.json; a promoted run becomes DATA_ROOT/models/NAME/CHAMPION.
+
+    \b
+    Exit code: 0 promoted; 3 rejected (an outcome: the champion stays); 2 bad input; 1 failure.
+    """
+    from saige_k8s import metrics
+    from saige_k8s.errors import CandidateRejected
+    from saige_k8s.spec import PipelineSpec, load_spec
+    from saige_k8s.training.evaluate import evaluate_run, summary
+
+    spec = load_spec(spec_path) if spec_path else PipelineSpec()
+    settings = spec.evaluate.model_copy(update={"suite": [*spec.evaluate.suite, *map(str, suites)]})
+    result = evaluate_run(run_dir, resolve_data_root(data_root, spec), spec.name, settings)
+    registry = metrics.evaluation_registry(result)
+    metrics.write_textfile(registry, run_dir, "eval.prom")
+    metrics.push(registry, pushgateway, metrics.EVALUATE_JOB, spec.name)
+    line = summary(result)
+    if summary_file is not None:
+        _write_summary(summary_file, line)
+    if as_json:
+        click.echo(json.dumps(line))
+    else:
+        overall = result["comparison"]["overall"]
+        click.echo(
+            f"{result['candidate']} {result['verdict']} against {result['baseline'] or 'the base model'}: "
+            f"win rate {overall['candidate_win_rate']:.2f} vs {overall['baseline_win_rate']:.2f} "
+            f"on {overall['n']} items"
+        )
+        for reason in result["reasons"]:
+            click.echo(f"  {reason}")
+    if result["verdict"] != "promoted":
+        raise CandidateRejected(
+            f"candidate {result['candidate']} rejected; the champion stays (see {run_dir}/eval.json)"
+        )
+
+
+@cli.command()
+@_spec_option("Pipeline spec (YAML): whose champion [default: pipeline saige].")
+@_data_root_option()
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def models(spec_path: Path | None, data_root: Path | None, fmt: str) -> None:
+    """The champion and every verdict so far (evaluations and human overrides), oldest first."""
+    store, _ = _champion_store(spec_path, data_root)
+    history = store.history()
+    if fmt == "json":
+        click.echo(json.dumps({"champion": store.champion(), "history": history}))
+        return
+    click.echo(f"champion: {store.champion() or '(none yet)'}")
+    for entry in history:
+        reason = (entry.get("reasons") or [""])[0]
+        click.echo(
+            f"{entry.get('time', '')}  {entry.get('verdict', ''):<9} {entry.get('run_id', '')}  {reason}".rstrip()
+        )
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@_spec_option("Pipeline spec (YAML): whose champion [default: pipeline saige].")
+@_data_root_option()
+@click.option("--reason", default="", help="Why, for the history.")
+def promote(run_id: str, spec_path: Path | None, data_root: Path | None, reason: str) -> None:
+    """Make RUN the champion by hand (recorded in the history as a human override)."""
+    store, root = _champion_store(spec_path, data_root)
+    adapter = root / "runs" / run_id / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"run {run_id} has no adapter at {adapter}")
+    store.promote(run_id, reasons=[reason] if reason else ["promoted by hand"], by="human")
+    click.echo(f"{run_id} is the champion of pipeline {store.pipeline}")
+
+
+@cli.command()
+@_spec_option("Pipeline spec (YAML): whose champion [default: pipeline saige].")
+@_data_root_option()
+@click.option("--reason", default="", help="Why, for the history.")
+def rollback(spec_path: Path | None, data_root: Path | None, reason: str) -> None:
+    """Restore the champion before the current one (recorded in the history)."""
+    store, _ = _champion_store(spec_path, data_root)
+    restored = store.rollback(reasons=[reason] if reason else [])
+    click.echo(f"{restored} is the champion of pipeline {store.pipeline} again")
+
+
+def _champion_store(spec_path: Path | None, data_root: Path | None):
+    from saige_k8s.evaluation.champion import ChampionStore
+    from saige_k8s.spec import PipelineSpec, load_spec
+
+    spec = load_spec(spec_path) if spec_path else PipelineSpec()
+    root = resolve_data_root(data_root, spec)
+    return ChampionStore(root, spec.name), root
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="[default: RUN_DIR/merged]")
 def export(run_dir: Path, out: Path | None) -> None:
     """Merge a run's adapter into its base model (safetensors) and write an Ollama Modelfile.

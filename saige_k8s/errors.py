@@ -37,6 +37,12 @@ class RuntimeFailure(SaigeError):
     exit_code = 1
 
 
+class CandidateRejected(SaigeError):
+    """The gate kept the champion: an outcome of the loop, not a failure, so never retried (exit 3)."""
+
+    exit_code = 3
+
+
 class Interrupted(SaigeError):
     """Stopped by SIGTERM at a safe point (exit 143, as a process killed by SIGTERM)."""
 

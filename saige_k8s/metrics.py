@@ -32,6 +32,7 @@ PUSHGATEWAY_ENV = "SAIGE_PUSHGATEWAY_URL"
 TEXTFILE = "metrics.prom"
 EXTRACT_JOB = "saige-extract"
 TRAIN_JOB = "saige-train"
+EVALUATE_JOB = "saige-evaluate"
 PIPELINE_JOB = "saige-pipeline"
 LAST_SUCCESS = "saige_pipeline_last_success_timestamp_seconds"
 
@@ -257,6 +258,88 @@ def push_pipeline_result(pipeline: str, gateway: str | None, succeeded: bool, st
     push(pipeline_registry(succeeded, started, finished), gateway, PIPELINE_JOB, pipeline, replace=succeeded)
 
 
+class EvaluationCollector(Collector):
+    """The evaluate step's series, from its ``eval.json``: per group, both models' figures."""
+
+    def __init__(self, result: dict[str, Any], finished_at: float) -> None:
+        self.result = result
+        self.finished_at = finished_at
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.result
+        comparison = r["comparison"]
+        groups = [
+            ("overall", "overall", comparison["overall"]),
+            *(("principle", name, g) for name, g in comparison["principles"].items()),
+            *(("component", name, g) for name, g in comparison["components"].items()),
+        ]
+        by_model = ["kind", "group", "model"]
+        win = GaugeMetricFamily(
+            "saige_eval_win_rate", "Share of items whose better answer is more likely.", labels=by_model
+        )
+        margin = GaugeMetricFamily(
+            "saige_eval_mean_margin",
+            "Mean log-likelihood margin per token, better minus worse answer.",
+            labels=by_model,
+        )
+        delta = GaugeMetricFamily(
+            "saige_eval_margin_delta",
+            "Paired mean margin, candidate minus baseline.",
+            labels=["kind", "group", "bound"],
+        )
+        items = GaugeMetricFamily("saige_eval_items", "Items compared.", labels=["kind", "group"])
+        for kind, name, g in groups:
+            for model in ("candidate", "baseline"):
+                win.add_metric([kind, name, model], g[f"{model}_win_rate"])
+                margin.add_metric([kind, name, model], g[f"{model}_mean_margin"])
+            interval = g["mean_margin_delta_ci"]
+            for bound, value in (
+                ("point", g["mean_margin_delta"]),
+                ("lower", interval["low"]),
+                ("upper", interval["high"]),
+            ):
+                delta.add_metric([kind, name, bound], value)
+            items.add_metric([kind, name], g["n"])
+        yield from (win, margin, delta, items)
+        loss = GaugeMetricFamily("saige_eval_loss", "Eval loss on the dataset's eval split.", labels=["model"])
+        for model, value in r["eval_loss"].items():
+            if value is not None:
+                loss.add_metric([model], value)
+        yield loss
+        verdict = GaugeMetricFamily(
+            "saige_eval_verdict", "1 for the last candidate's verdict (promoted or rejected).", labels=["verdict"]
+        )
+        for name in ("promoted", "rejected"):
+            verdict.add_metric([name], 1.0 if r["verdict"] == name else 0.0)
+        yield verdict
+        yield GaugeMetricFamily(
+            "saige_eval_regressions",
+            "Principles and harm components the gate found regressed in the last candidate.",
+            value=float(len(r["figures"].get("regressed") or [])),
+        )
+        yield GaugeMetricFamily("saige_eval_duration_seconds", "Wall time of the scoring.", value=r["duration_seconds"])
+        yield GaugeMetricFamily(
+            "saige_eval_last_timestamp_seconds", "When a candidate was last evaluated.", value=self.finished_at
+        )
+        if r["verdict"] == "promoted":
+            yield GaugeMetricFamily(
+                "saige_champion_promoted_timestamp_seconds",
+                "When the current champion was promoted (its age: time() minus this).",
+                value=self.finished_at,
+            )
+        info = GaugeMetricFamily(
+            "saige_eval_info", "The last evaluated candidate (value 1).", labels=["candidate", "baseline", "verdict"]
+        )
+        info.add_metric([str(r["candidate"]), str(r["baseline"] or "base-model"), r["verdict"]], 1)
+        yield info
+
+
+def evaluation_registry(result: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EvaluationCollector(result, time.time() if finished_at is None else finished_at))
+    return registry
+
+
 def record_pipeline_result(
     pipeline: str, directory: Path | None, gateway: str | None, succeeded: bool, started: float, finished: float
 ) -> None:
@@ -307,6 +390,7 @@ def exported_metric_names() -> set[str]:
         extraction_registry(_SAMPLE_MANIFEST, finished_at=0.0, min_examples=1),
         training_registry(_SAMPLE_TRAINING, finished_at=0.0),
         pipeline_registry(succeeded=True, started=0.0, finished=1.0),
+        evaluation_registry(_SAMPLE_EVALUATION, finished_at=0.0),
     ):
         for family in registry.collect():
             names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
@@ -333,6 +417,21 @@ _SAMPLE_MANIFEST: dict[str, Any] = {
     "source_stats": {"rows": 2, "mean_harm": 0.5, "mean_weighted_score": 5.0, "alignment_ratio": {"good": 1.0}},
     "duration_seconds": 1.0,
     "rows_per_second": 2.0,
+}
+_SAMPLE_GROUP = {
+    **{f"{m}_{k}": 0.5 for m in ("candidate", "baseline") for k in ("win_rate", "mean_margin")},
+    "n": 1,
+    "mean_margin_delta": 0.0,
+    "mean_margin_delta_ci": {"low": 0.0, "high": 0.0},
+}
+_SAMPLE_EVALUATION: dict[str, Any] = {
+    "candidate": "sample",
+    "baseline": None,
+    "verdict": "promoted",
+    "comparison": {"overall": _SAMPLE_GROUP, "principles": {"sample": _SAMPLE_GROUP}, "components": {}},
+    "eval_loss": {"candidate": 1.0, "baseline": 1.0},
+    "figures": {"regressed": []},
+    "duration_seconds": 1.0,
 }
 _SAMPLE_TRAINING: dict[str, Any] = {
     **{key: 1.0 for key in TRAINING_GAUGES},

@@ -27,7 +27,8 @@ from pydantic import (
 )
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FormatName
-from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.errors import CandidateRejected, ConfigError, InputError
+from saige_k8s.evaluation.gate import GateSpec
 from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.filters import PRESETS, Filters, PresetName, refuse_bool
 from saige_k8s.yamlfile import read_yaml
@@ -270,6 +271,7 @@ class KubernetesSpec(_Strict):
     run_as_user: Annotated[int, Field(ge=1)] = 10001
     extract: PodSpec = Field(default_factory=lambda: _default_pod("extract"))
     train: TrainPodSpec = Field(default_factory=lambda: _default_pod("train"))
+    evaluate: TrainPodSpec = Field(default_factory=lambda: _default_pod("evaluate"))
     export: PodSpec = Field(default_factory=lambda: _default_pod("export"))
     collect: PodSpec = Field(default_factory=lambda: _default_pod("collect"))
 
@@ -305,14 +307,30 @@ class CollectSpec(_Strict):
     secret_env: dict[str, SecretRef] = Field(default_factory=dict)
 
 
+class EvaluateSpec(_Strict):
+    """The candidate against the champion (or the base model, for a first run), and the gate."""
+
+    #: Off: no evaluation, and every trained run is exported as before.
+    enabled: bool = True
+    gate: GateSpec = Field(default_factory=GateSpec)
+    #: More scenario files (the shipped suite's format) appended to the shipped suite.
+    suite: list[str] = Field(default_factory=list)
+    #: At most this many of the dataset's held-out preference pairs (they cost two forward passes each).
+    max_pairs: Annotated[int, Field(ge=0)] | None = 500
+    #: The bootstrap's seed: the same items give the same intervals.
+    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)] = 8
+
+
 class PipelineSpec(_Strict):
-    #: At most 39 characters, so that NAME-YYYYMMDD-HHMMSS-extract fits Kubernetes' 63.
-    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,37}[a-z0-9])?$")] = "saige"
+    #: At most 38 characters, so that NAME-YYYYMMDD-HHMMSS-evaluate (the longest step) fits Kubernetes' 63.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,36}[a-z0-9])?$")] = "saige"
     #: The shared volume: datasets/ and runs/ live under it.
     data_root: str = "./saige-data"
     source: SourceSpec = Field(default_factory=SourceSpec)
     extract: ExtractSpec = Field(default_factory=ExtractSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     collect: CollectSpec | None = None
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
 
@@ -323,7 +341,7 @@ class PipelineSpec(_Strict):
 # hands the steps after it, and its pod defaults. Both runners (local processes, Kubernetes
 # Jobs) read this table, so a step runs with the same arguments wherever it runs.
 
-StepName = Literal["collect", "extract", "train", "export"]
+StepName = Literal["collect", "extract", "train", "evaluate", "export"]
 
 #: Where every step finds the shared volume when no flag names it.
 DATA_ROOT_ENV = "SAIGE_DATA_ROOT"
@@ -395,12 +413,15 @@ class Step:
     #: Resources and deadline of its pod (a spec's own values merge over them key by key).
     pod_defaults: Mapping[str, Any]
     enabled: Callable[[PipelineSpec], bool] = _always
-    #: Gets GPUs (train.gpus of them), an in-memory /dev/shm, and one process per GPU.
-    gpu: bool = False
+    #: GPUs of its pod (None: a CPU step); a GPU step also gets an in-memory /dev/shm, and one
+    #: process per GPU when it has several.
+    gpus: Callable[[PipelineSpec], int] | None = None
     #: Writes a one-line JSON summary (to StepContext.summary_file) that the steps after it need.
     reports: bool = False
     #: Looks at that summary before the next step starts, and raises to end the run there.
     check: Callable[[PipelineSpec, dict[str, Any]], None] | None = None
+    #: The summary in one line, for the run's progress messages.
+    describe: Callable[[dict[str, Any]], str] = lambda summary: "succeeded"
     #: A command that runs first, in the same place (an init container on Kubernetes).
     prepare: Callable[[StepContext], list[str] | None] = _no_preparation
     #: Plain environment variables of the step's process.
@@ -454,6 +475,21 @@ def train_command(
     if processes > 1:
         return [*programs.distributed, "--standalone", "--nproc_per_node", str(processes), "-m", "saige_k8s", *args]
     return [*programs.cli, *args]
+
+
+def evaluate_command(
+    programs: Programs, spec_path: str, data_root: str, run_dir: str, summary_file: str | None = None
+) -> list[str]:
+    """Writes RUN_DIR/eval.json; exits 3 when the gate rejects the candidate (an outcome, not a failure)."""
+    command = [*programs.cli, "evaluate", run_dir, "-f", spec_path, "--data-root", data_root]
+    return [*command, "--summary-file", summary_file] if summary_file else command
+
+
+def check_verdict(summary: dict[str, Any]) -> None:
+    """Export only a promoted candidate: a rejected one ends the run here, as a rejection."""
+    if summary.get("verdict") != "promoted":
+        reasons = "; ".join(summary.get("reasons") or []) or "no reason given"
+        raise CandidateRejected(f"candidate {summary.get('candidate')} rejected: {reasons}")
 
 
 def export_command(programs: Programs, run_dir: str) -> list[str]:
@@ -511,6 +547,7 @@ STEPS: tuple[Step, ...] = (
         pod_defaults=_pod_defaults(2, "1", "2Gi", "4Gi"),
         reports=True,
         check=lambda spec, summary: check_min_examples(summary, spec.extract.min_examples),
+        describe=lambda s: f"dataset {s['dataset_id']}: {s['kept']} examples of {s['scanned']} rows",
         prepare=_prepare_demo_db,
         secret_env=lambda spec: {"SAIGE_DB_URL": spec.kubernetes.secrets.db_url},
         pushes_metrics=True,
@@ -522,7 +559,21 @@ STEPS: tuple[Step, ...] = (
         ),
         image=_train_image,
         pod_defaults=_pod_defaults(48, "4", "24Gi", "32Gi"),
-        gpu=True,
+        gpus=lambda spec: spec.train.gpus,
+        secret_env=lambda spec: {"HF_TOKEN": spec.kubernetes.secrets.hf_token},
+        uses_models=True,
+        pushes_metrics=True,
+    ),
+    Step(
+        name="evaluate",
+        command=lambda c: evaluate_command(c.programs, c.spec_path, c.data_root, c.run_dir, c.summary_file),
+        image=_train_image,
+        pod_defaults=_pod_defaults(6, "2", "16Gi", "32Gi"),
+        enabled=lambda spec: spec.evaluate.enabled,
+        gpus=lambda spec: min(1, spec.train.gpus),
+        reports=True,
+        check=lambda spec, summary: check_verdict(summary),
+        describe=lambda s: f"candidate {s['candidate']} {s['verdict']} against {s['baseline'] or 'the base model'}",
         secret_env=lambda spec: {"HF_TOKEN": spec.kubernetes.secrets.hf_token},
         uses_models=True,
         pushes_metrics=True,
@@ -554,7 +605,7 @@ def enabled_steps(spec: PipelineSpec) -> tuple[Step, ...]:
 
 
 def _default_pod(name: StepName) -> Any:
-    model = TrainPodSpec if STEP_TABLE[name].gpu else PodSpec
+    model = TrainPodSpec if STEP_TABLE[name].gpus is not None else PodSpec
     return model(**STEP_TABLE[name].pod_defaults)
 
 

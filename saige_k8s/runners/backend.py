@@ -72,8 +72,13 @@ class Outcome:
     run_id: str
     #: Where it ran: the namespace, or the data root.
     where: str
-    dataset: dict[str, Any] = field(default_factory=dict)
     finished: list[StepName] = field(default_factory=list)
+    #: What each reporting step said (its one-line JSON summary).
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return self.summaries.get("extract", {})
 
 
 class Backend(abc.ABC):
@@ -130,13 +135,13 @@ def run_pipeline(backend: Backend, run: Run, say: Say, pushgateway: str | None =
     try:
         for step in run.steps:
             summary = backend.run_step(run, step, say)
-            say(f"{step.name}: succeeded")
             outcome.finished.append(step.name)
-            if summary is not None:
-                outcome.dataset = summary
-                counts = f"{summary['kept']} examples of {summary['scanned']} rows"
-                say(f"{step.name}: dataset {summary['dataset_id']}: {counts}")
-            if step.check is not None and summary is not None:
+            if summary is None:
+                say(f"{step.name}: succeeded")
+                continue
+            outcome.summaries[step.name] = summary
+            say(f"{step.name}: {step.describe(summary)}")
+            if step.check is not None:
                 step.check(run.spec, summary)
         succeeded = True
         return outcome

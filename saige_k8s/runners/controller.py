@@ -21,6 +21,7 @@ from saige_k8s.runners.jobs import (
     CONFIG_ERROR_EXIT,
     CONTROLLER,
     PIPELINE_LABEL,
+    REJECTED_EXIT,
     RUN_LABEL,
     STEP_LABEL,
     construct_controller_job,
@@ -61,8 +62,10 @@ class KubernetesBackend(Backend):
             idle=lambda: _still(cluster, name, step.name, say),
             timeout=deadline + WAIT_SLACK_SECONDS,
         )
+        if step.reports and _rejected(cluster, finished, step.name):
+            return step_summary(cluster, name, step.name, exit_code=REJECTED_EXIT)
         _raise_if_failed(cluster, step.name, finished)
-        return extract_summary(cluster, name, step.name) if step.reports else None
+        return step_summary(cluster, name, step.name) if step.reports else None
 
     def status(self, run_id: str | None = None) -> list[StepStatus]:
         labels = {"app.kubernetes.io/managed-by": "saige-k8s", **({RUN_LABEL: run_id} if run_id else {})}
@@ -179,14 +182,19 @@ def _raise_if_failed(cluster: Cluster, step: StepName, job: client.V1Job) -> Non
     )
 
 
-def extract_summary(cluster: Cluster, job_name: str, container: StepName = "extract") -> dict[str, Any]:
-    """A reporting step's JSON summary, from its successful pod's termination message."""
-    exit_code, message = _last_termination(cluster, job_name, container)
+def _rejected(cluster: Cluster, job: client.V1Job, step: StepName) -> bool:
+    """The Job failed because its step ended with a rejection (an outcome it reports)."""
+    return job_state(job) == "Failed" and _last_termination(cluster, job.metadata.name, step)[0] == REJECTED_EXIT
+
+
+def step_summary(cluster: Cluster, job_name: str, container: StepName, exit_code: int = 0) -> dict[str, Any]:
+    """A reporting step's JSON summary, from its pod's termination message (it ended with ``exit_code``)."""
+    ended, message = _last_termination(cluster, job_name, container)
     try:
-        summary = json.loads(message) if exit_code == 0 else None
+        summary = json.loads(message) if ended == exit_code else None
     except ValueError:
         summary = None
-    if not isinstance(summary, dict) or not {"dataset_id", "kept", "scanned"} <= summary.keys():
+    if not isinstance(summary, dict) or "dataset_id" not in summary:
         raise RuntimeFailure(
             f"Job {job_name} succeeded but its pod left no dataset summary in its termination message "
             f"(saige-k8s logs RUN --step {container} shows its output)"

@@ -17,7 +17,7 @@ import yaml
 from kubernetes import client
 
 from saige_k8s import __version__
-from saige_k8s.errors import ConfigError
+from saige_k8s.errors import CandidateRejected, ConfigError
 from saige_k8s.experiences.credentials import refuse_credentials
 from saige_k8s.runners.backend import Run
 from saige_k8s.spec import (
@@ -47,6 +47,8 @@ KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TERMINATION_LOG = "/dev/termination-log"
 #: Exit code of configuration and input errors: retrying cannot help, so the Job fails at once.
 CONFIG_ERROR_EXIT = 2
+#: Exit code of a candidate the gate rejected: an outcome, never retried.
+REJECTED_EXIT = CandidateRejected.exit_code
 
 
 def job_name(run_id: str, step: str) -> str:
@@ -71,7 +73,7 @@ def step_context(run: Run, step: Step) -> StepContext:
         spec_path=f"{SPEC_DIR}/{SPEC_FILE}",
         data_root=kube.data_mount_path,
         run_id=run.run_id,
-        processes=max(1, run.spec.train.gpus) if step.gpu else 1,
+        processes=max(1, step.gpus(run.spec)) if step.gpus else 1,
         summary_file=TERMINATION_LOG if step.reports else None,
     )
 
@@ -135,7 +137,7 @@ def _volumes(run: Run, step: Step | None, pod: PodSpec) -> list[client.V1Volume]
         client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource()),
         _spec_volume(),
     ]
-    if step is not None and step.gpu:
+    if step is not None and step.gpus is not None:
         assert isinstance(pod, TrainPodSpec)
         shm = client.V1EmptyDirVolumeSource(medium="Memory", size_limit=pod.shm_size)
         volumes.append(client.V1Volume(name="shm", empty_dir=shm))
@@ -259,11 +261,11 @@ def _container(run: Run, step: Step, pod: PodSpec, context: StepContext) -> clie
         client.V1VolumeMount(name="spec", mount_path=SPEC_DIR, read_only=True),
     ]
     resources = _resources(pod)
-    if step.gpu:
+    if step.gpus is not None:
         assert isinstance(pod, TrainPodSpec)
         mounts.append(client.V1VolumeMount(name="shm", mount_path="/dev/shm"))
-        if run.spec.train.gpus > 0:
-            gpus = str(run.spec.train.gpus)
+        if step.gpus(run.spec) > 0:
+            gpus = str(step.gpus(run.spec))
             resources.requests = {**(resources.requests or {}), pod.gpu_resource: gpus}
             resources.limits = {**(resources.limits or {}), pod.gpu_resource: gpus}
     return client.V1Container(
@@ -331,10 +333,11 @@ def _failure_policy(container: str) -> client.V1PodFailurePolicy:
     disrupted = client.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
     return client.V1PodFailurePolicy(
         rules=[
+            # A configuration error, or a rejected candidate: a retry would end the same way.
             client.V1PodFailurePolicyRule(
                 action="FailJob",
                 on_exit_codes=client.V1PodFailurePolicyOnExitCodesRequirement(
-                    container_name=container, operator="In", values=[CONFIG_ERROR_EXIT]
+                    container_name=container, operator="In", values=[CONFIG_ERROR_EXIT, REJECTED_EXIT]
                 ),
             ),
             # Preemption, eviction, node drain: not the step's fault, not a retry spent.

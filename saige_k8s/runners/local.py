@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from saige_k8s import metrics as prometheus
-from saige_k8s.errors import InputError, Interrupted, RuntimeFailure
+from saige_k8s.errors import CandidateRejected, InputError, Interrupted, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.runners.backend import Backend, Outcome, Run, Say, StepFailed, StepStatus, run_pipeline
 from saige_k8s.spec import PipelineSpec, Programs, Step, StepContext, StepName
@@ -39,7 +39,8 @@ NO_DEADLINE_SECONDS = 7 * 24 * 3600
 #: How long a step has to exit after SIGTERM before it is killed.
 GRACE_SECONDS = 30
 
-_FINISHED = ("Succeeded", "Failed", "Cancelled")
+_FINISHED = ("Succeeded", "Failed", "Cancelled", "Rejected")
+REJECTED_EXIT = CandidateRejected.exit_code
 
 
 class LocalBackend(Backend):
@@ -66,7 +67,7 @@ class LocalBackend(Backend):
             spec_path=str(self.spec_path),
             data_root=str(self.data_root),
             run_id=run.run_id,
-            processes=max(1, min(run.spec.train.gpus, local_gpus())) if step.gpu else 1,
+            processes=max(1, min(step.gpus(run.spec), local_gpus())) if step.gpus else 1,
             summary_file=str(summary_file) if step.reports else None,
         )
         env = {**os.environ, **step.env(run.spec)}
@@ -75,11 +76,12 @@ class LocalBackend(Backend):
         deadline = run.spec.kubernetes.pod(step.name).active_deadline_seconds or NO_DEADLINE_SECONDS
         state = _State(state_dir / f"{step.name}.json", run, step.name)
         summary_file.unlink(missing_ok=True)
+        code = 0
         with (state_dir / f"{step.name}.log").open("ab") as log_file:
             for command in filter(None, (step.prepare(context), step.command(context))):
                 say(f"{step.name}: {' '.join(command)}")
-                self._process(state, command, env, log_file, deadline)
-        state.finish("Succeeded", 0)
+                code = self._process(state, command, env, log_file, deadline, reports=step.reports)
+        state.finish("Succeeded" if code == 0 else "Rejected", code)
         if not step.reports:
             return None
         try:
@@ -88,7 +90,10 @@ class LocalBackend(Backend):
             raise RuntimeFailure(f"step {step.name} succeeded but left no summary in {summary_file}") from None
         return summary
 
-    def _process(self, state: _State, command: list[str], env: dict[str, str], log_file: IO[bytes], limit: int) -> None:
+    def _process(
+        self, state: _State, command: list[str], env: dict[str, str], log_file: IO[bytes], limit: int, reports: bool
+    ) -> int:
+        """The process's exit code: 0, or a rejection from a step that reports its outcome."""
         try:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         except OSError as exc:
@@ -116,11 +121,14 @@ class LocalBackend(Backend):
         if stop_requested():
             state.finish("Cancelled", code)
             raise Interrupted(f"stopped by SIGTERM during step {state.step}")
+        if code == REJECTED_EXIT and reports:
+            return code  # its summary says why; the pipeline's check on it ends the run
         if code != 0:
             state.finish("Failed", code)
             raise StepFailed(
                 state.step, f"failed with exit code {code} (its error is above)", code if code in (1, 2) else 1
             )
+        return code
 
     # -- status, logs, cancel -----------------------------------------------------------------
 

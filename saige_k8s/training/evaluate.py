@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +24,14 @@ import pyarrow.parquet as pq
 import torch
 
 from saige_k8s.dataset.formats import FORMATS, user_turn
-from saige_k8s.dataset.suite import Suite
+from saige_k8s.dataset.suite import Suite, load_suite
 from saige_k8s.errors import InputError
+from saige_k8s.evaluation.champion import ChampionStore
+from saige_k8s.evaluation.compare import paired_comparison
+from saige_k8s.evaluation.gate import decide
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
-from saige_k8s.spec import TrainSpec
-from saige_k8s.training.data import Example, collate, tokenize
+from saige_k8s.spec import EvaluateSpec, TrainSpec
+from saige_k8s.training.data import Example, collate, load_dataset_dir, tokenize, tokenize_all
 from saige_k8s.training.loop import ADAPTER, METRICS
 from saige_k8s.training.model import load_base_model, load_tokenizer
 
@@ -54,7 +58,7 @@ def suite_items(suite: Suite, format_name: str) -> list[Item]:
     fmt = FORMATS[format_name]
     items = []
     for scenario in suite.scenarios:
-        context = json.dumps(scenario.context) if scenario.context is not None else None
+        context = scenario.context_text()
         target = scenario.target
         items.append(
             Item(
@@ -158,6 +162,131 @@ class Evaluator:
         if not examples:
             return np.zeros((0, 2))
         return token_sums(self.model, examples, self.tokenizer.pad_token_id, self.batch_size)
+
+
+EVAL_FILE = "eval.json"
+
+
+def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: EvaluateSpec) -> dict[str, Any]:
+    """Compare the run's adapter with the champion, write RUN_DIR/eval.json, record the verdict.
+
+    A promoted candidate becomes the champion. Evaluating a run again (a retried pod) reports
+    the verdict it already has instead of judging twice.
+    """
+    suite = load_suite([Path(p) for p in settings.suite])  # a broken suite file is an error, even on a rerun
+    done = _existing(run_dir)
+    if done is not None:
+        log.info("%s was evaluated already (%s); reporting it", run_dir.name, done["verdict"])
+        return done
+    metrics = read_run(run_dir)
+    candidate = run_dir.name
+    store = ChampionStore(data_root, pipeline)
+    champion, baseline_dir, notes = _baseline(store, data_root, candidate, metrics["base_model"])
+    train_spec = TrainSpec.model_validate(metrics["hyperparameters"])
+    dataset = _dataset_dir(metrics, data_root)
+    items = pair_items(dataset, settings.max_pairs) + suite_items(suite, metrics["format"])
+    started = time.perf_counter()
+    evaluator = Evaluator(train_spec, run_dir / ADAPTER, baseline_dir, settings.batch_size)
+    held_out = tokenize_all(evaluator.tokenizer, load_dataset_dir(dataset), "eval", train_spec.max_seq_len)
+    fmt, system = metrics["format"], metrics.get("system_prompt", "")
+    scores = {which: evaluator.score(which, items, held_out, fmt, system) for which in ("candidate", "baseline")}
+    comparison = paired_comparison(
+        scores["candidate"].margins,
+        scores["baseline"].margins,
+        principles=[item.principle for item in items],
+        components=[item.component for item in items],
+        seed=settings.seed,
+    )
+    verdict = decide(comparison, settings.gate, scores["candidate"].eval_loss, scores["baseline"].eval_loss)
+    result = {
+        "candidate": candidate,
+        "baseline": champion,
+        "baseline_model": "champion adapter" if champion else "base model",
+        "pipeline": pipeline,
+        "dataset_id": metrics.get("dataset_id"),
+        "base_model": metrics["base_model"],
+        "items": {"pairs": sum(i.source == "pair" for i in items), "suite": sum(i.source == "suite" for i in items)},
+        "eval_loss": {which: score.eval_loss for which, score in scores.items()},
+        "comparison": comparison.as_dict(),
+        "gate": settings.gate.model_dump(),
+        **verdict.as_dict(),
+        "notes": [*notes, *verdict.notes],
+        "per_item": [
+            {"id": item.id, "source": item.source, "candidate": float(c), "baseline": float(b)}
+            for item, c, b in zip(items, scores["candidate"].margins, scores["baseline"].margins, strict=True)
+        ],
+        "duration_seconds": time.perf_counter() - started,
+        "time": now(),
+    }
+    write_json_atomically(run_dir / EVAL_FILE, result)
+    record = {
+        "dataset_id": result["dataset_id"],
+        "base_model": result["base_model"],
+        "reasons": verdict.reasons,
+        "figures": verdict.figures,
+    }
+    if verdict.promoted:
+        store.promote(candidate, **record)
+    else:
+        store.reject(candidate, **record)
+    return result
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The one-line JSON the step hands on (its pod's termination message: keep it short)."""
+    keys = ("dataset_id", "candidate", "baseline", "verdict")
+    return {**{k: result.get(k) for k in keys}, "reasons": result.get("reasons", [])[:5]}
+
+
+def _existing(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        done: dict[str, Any] = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return done if done.get("candidate") == run_dir.name and done.get("verdict") in ("promoted", "rejected") else None
+
+
+def _baseline(
+    store: ChampionStore, data_root: Path, candidate: str, base_model: str
+) -> tuple[str | None, Path | None, list[str]]:
+    """The champion and its adapter; none for a first run, or when the champion has another base model."""
+    champion = store.champion()
+    if champion is None or champion == candidate:
+        return None, None, ["no champion yet: the baseline is the base model"] if champion is None else []
+    adapter = data_root / "runs" / champion / ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(
+            f"the champion {champion} has no adapter at {adapter}: restore it, or choose another champion "
+            f"(saige-k8s models; saige-k8s promote RUN)"
+        )
+    try:
+        champion_base = read_run(adapter.parent)["base_model"]
+    except (InputError, KeyError):
+        champion_base = base_model
+    if champion_base != base_model:
+        note = f"the champion {champion} adapts {champion_base}, not {base_model}: the baseline is the base model"
+        return None, None, [note]
+    return champion, adapter, []
+
+
+def _dataset_dir(metrics: dict[str, Any], data_root: Path) -> Path:
+    recorded = Path(str(metrics.get("dataset_path") or ""))
+    if recorded.is_dir():
+        return recorded
+    fallback = data_root / "datasets" / str(metrics.get("dataset_id"))
+    if not fallback.is_dir():
+        raise InputError(f"the run's dataset is gone: neither {recorded} nor {fallback} exists")
+    return fallback
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """A reader sees the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
