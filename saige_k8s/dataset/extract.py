@@ -23,13 +23,14 @@ import sqlalchemy as sa
 
 from saige_k8s import __version__
 from saige_k8s.dataset.curate import (
-    JSON_INVALID,
     OUTPUT_SCHEMA,
+    STAGE_INVALID,
     SeenSet,
     StageCounts,
     as_examples,
     eval_mask,
     judge_scores,
+    judge_texts,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.stats import DatasetStats
@@ -154,9 +155,9 @@ def _write_candidates(
             check_stop()
             read.fetched += len(raw)
             progress.update(len(raw))
-            judged = judge_scores(raw, request.filters, read.stage)
+            judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
             if request.strict and read.stage.first_invalid:
-                break
+                continue  # failing anyway: judge the rest only to report the true count
             examples, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
             read.duplicates += duplicates
             if limit is not None and read.stats.rows + len(examples) >= limit:
@@ -203,7 +204,8 @@ def _manifest(
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
     sql_candidates = funnel.rows(CANDIDATE)
     invalid = {label.split(":", 1)[1]: n for label, n in funnel.counts.items() if label.startswith("invalid:")}
-    invalid.update({r: read.stage.invalid[r] for r in JSON_INVALID})
+    for reason in STAGE_INVALID:  # empty_* are counted by both stages
+        invalid[reason] = invalid.get(reason, 0) + read.stage.invalid[reason]
     removed = dict.fromkeys(request.filters.filter_names(), 0)
     for label, n in funnel.counts.items():
         if label.startswith("filter:"):
@@ -286,15 +288,17 @@ def _check(
     request: ExtractRequest, source: SourceTable, judgement: Judgement, manifest: dict[str, Any], read: _Read
 ) -> None:
     if request.strict and manifest["counts"]["invalid_total"]:
-        reason, count = next((r, n) for r, n in manifest["invalid"].items() if n)
-        example = (
-            read.stage.first_invalid[1]
-            if read.stage.first_invalid and read.stage.first_invalid[0] == reason
-            else (_first_id(source, judgement, reason))
-        )
+        if read.stage.first_invalid:
+            reason, example = read.stage.first_invalid
+        else:
+            reason = next(r for r, n in manifest["invalid"].items() if n)
+            example = _first_id(source, judgement, reason)
+        kinds = ", ".join(f"{r}={n}" for r, n in manifest["invalid"].items() if n)
+        # Past --limit the JSON and texts of candidates were not read: more may be unusable.
+        bound = "at least " if read.reached_limit else ""
         raise InputError(
-            f"--strict: {count} unusable row(s), first reason {reason!r} (e.g. id {example}); "
-            "fix the rows or drop --strict to skip and count them"
+            f"--strict: {bound}{manifest['counts']['invalid_total']} unusable row(s) ({kinds}); "
+            f"first: id {example} ({reason}); fix the rows or drop --strict to skip and count them"
         )
     if manifest["counts"]["kept"] == 0:
         steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"]) or "table empty"
