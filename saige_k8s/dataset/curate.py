@@ -80,6 +80,7 @@ def parse_scores(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if flat.any():
         where = np.flatnonzero(flat)
         read, unread = _read_flat(pc.binary_join_element_wise(scores.filter(flat), "\n", ""))
+        read[np.isinf(read)] = np.nan  # an integer beyond any double reads as inf: not a number here either
         values[where] = read
         slow[where[unread]] = True
     malformed = slow.copy()

@@ -78,7 +78,11 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     )
 
     def blank(c: ColumnElement) -> ColumnElement[bool]:
-        # trim() copies the whole text; only texts that start with a space can trim to ''.
+        # The cheap cases only: NULL, '' and spaces. The Arrow stage trims all whitespace and
+        # counts what is left blank under the same reason. trim() copies the whole text; only
+        # texts that start with a space can trim to ''.
+        if isinstance(c.type, sa.LargeBinary):  # bytea/BLOB columns: text functions do not apply
+            return sa.or_(c.is_(None), sa.func.length(c) == 0)
         return sa.or_(c.is_(None), c == "", sa.and_(c.like(" %"), sa.func.trim(c) == ""))
 
     def outside(c: ColumnElement, bounds: tuple[float, float]) -> ColumnElement[bool]:

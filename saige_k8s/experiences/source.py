@@ -210,9 +210,20 @@ def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordB
         yield batch
 
 
+def _sqlite_text(raw: bytes) -> str | bytes:
+    """SQLite TEXT holding bytes that are not UTF-8 stays bytes, for the Arrow stage to count."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    if url.get_backend_name() == "sqlite":
+        # sqlite3 would raise for the whole query on one such value.
+        sa.event.listen(engine, "connect", lambda dbapi_conn, _: setattr(dbapi_conn, "text_factory", _sqlite_text))
     try:
         with engine.connect() as conn:
             try:
