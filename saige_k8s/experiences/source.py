@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +218,20 @@ def _sqlite_text(raw: bytes) -> str | bytes:
         return raw
 
 
+def _arrow_column(values: Sequence[object]) -> pa.Array:
+    """One column of driver values; a column of mixed kinds (SQLite's are dynamically typed) as text or bytes."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    if any(isinstance(v, bytes | bytearray | memoryview) for v in values):
+        return pa.array(
+            [v if v is None or isinstance(v, bytes | bytearray | memoryview) else str(v).encode() for v in values],
+            pa.binary(),
+        )
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -233,7 +247,7 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
             names = list(result.keys())
             yield _guarded(
                 (
-                    pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*part, strict=True)], names=names)
+                    pa.RecordBatch.from_arrays([_arrow_column(c) for c in zip(*part, strict=True)], names=names)
                     for part in result.partitions()
                 ),
                 url,
