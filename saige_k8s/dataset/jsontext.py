@@ -43,12 +43,16 @@ def too_deep(text: str) -> bool:
 
 
 def too_deep_mask(texts: pa.Array) -> np.ndarray:
-    """``too_deep`` for a string column: only texts with enough brackets are scanned in Python."""
-    brackets = pc.add(pc.count_substring(texts, "["), pc.count_substring(texts, "{"))
-    suspects = pc.fill_null(pc.greater(brackets, MAX_DEPTH), False).to_numpy(zero_copy_only=False)
+    """``too_deep`` for a string column: brackets are counted only in texts long enough to hold
+    that many, and only texts with that many are scanned in Python."""
     mask = np.zeros(len(texts), dtype=bool)
-    for i in np.flatnonzero(suspects):
-        mask[i] = nesting_depth(texts[int(i)].as_py()) > MAX_DEPTH
+    long = np.flatnonzero(pc.fill_null(pc.greater(pc.binary_length(texts), MAX_DEPTH), False).to_numpy(False))
+    if not len(long):
+        return mask
+    candidates = texts.take(pa.array(long))
+    brackets = pc.add(pc.count_substring(candidates, "["), pc.count_substring(candidates, "{"))
+    for i in np.flatnonzero(pc.greater(brackets, MAX_DEPTH).to_numpy(zero_copy_only=False)):
+        mask[long[i]] = nesting_depth(candidates[int(i)].as_py()) > MAX_DEPTH
     return mask
 
 
