@@ -106,7 +106,7 @@ def _read_flat(lines: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = pending.pop()
         try:
             values[lo:hi] = _read_json_lines(lines.slice(lo, hi - lo))
-        except pa.ArrowInvalid:
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
             if hi - lo <= _SLOW_RUN:
                 unread[lo:hi] = True
             else:
