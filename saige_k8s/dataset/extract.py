@@ -288,17 +288,12 @@ def _check(
     request: ExtractRequest, source: SourceTable, judgement: Judgement, manifest: dict[str, Any], read: _Read
 ) -> None:
     if request.strict and manifest["counts"]["invalid_total"]:
-        if read.stage.first_invalid:
-            reason, example = read.stage.first_invalid
-        else:
-            reason = next(r for r, n in manifest["invalid"].items() if n)
-            example = _first_id(source, judgement, reason)
         kinds = ", ".join(f"{r}={n}" for r, n in manifest["invalid"].items() if n)
         # Past --limit the JSON and texts of candidates were not read: more may be unusable.
         bound = "at least " if read.reached_limit else ""
         raise InputError(
             f"--strict: {bound}{manifest['counts']['invalid_total']} unusable row(s) ({kinds}); "
-            f"first: id {example} ({reason}); fix the rows or drop --strict to skip and count them"
+            f"{_first_unusable(source, judgement, read)}; fix the rows or drop --strict to skip and count them"
         )
     if manifest["counts"]["kept"] == 0:
         steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"]) or "table empty"
@@ -307,11 +302,34 @@ def _check(
         raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps}); {hint}")
 
 
-def _first_id(source: SourceTable, judgement: Judgement, reason: str) -> str:
-    code = judgement.labels.index(f"invalid:{reason}")
-    query = sa.select(judgement.columns["id"]).where(judgement.verdict == code).limit(1)
+def _first_unusable(source: SourceTable, judgement: Judgement, read: _Read) -> str:
+    """The lowest id among the rows the database and the Arrow stage found unusable, with its reason."""
+    found = []
+    if read.stage.first_invalid:
+        reason, row_id = read.stage.first_invalid
+        found.append((row_id, reason))
+    invalid_codes = sum(label.startswith("invalid:") for label in judgement.labels)
+    query = (
+        sa.select(judgement.columns["id"], judgement.verdict)
+        .where(judgement.verdict < invalid_codes)
+        .order_by(judgement.columns["id"])
+        .limit(1)
+    )
     with stream(source.url, query, adbc=False) as batches:
         for batch in batches:
             if len(batch):
-                return str(batch.column(0)[0].as_py())
-    return "?"
+                label = judgement.labels[int(batch.column(1)[0].as_py())]
+                found.insert(0, (str(batch.column(0)[0].as_py()), label.split(":", 1)[1]))
+    if len(found) == 2 and not source.id_is_integer:  # text ids: the database's order is its own
+        return "e.g. " + " and ".join(f"id {i} ({r})" for i, r in found)
+    if not found:
+        return "first: unknown"
+    row_id, reason = min(found, key=_id_order)
+    return f"first: id {row_id} ({reason})"
+
+
+def _id_order(found: tuple[str, str]) -> tuple[int, int]:
+    try:
+        return (0, int(found[0]))
+    except ValueError:  # a NULL id
+        return (1, 0)
