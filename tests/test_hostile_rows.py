@@ -177,6 +177,19 @@ def test_utf8_blob_is_read_as_its_text_and_bad_timestamps_become_null(
     assert manifest["counts"]["kept"] == before["counts"]["kept"]
 
 
+def test_json_context_with_a_lone_surrogate_is_free_text(clean: tuple[Path, dict, list[str]], tmp_path: Path) -> None:
+    db, before, kept_ids = clean
+    hostile = tmp_path / "hostile.db"
+    shutil.copy(db, hostile)
+    context = '{"emotional_state": "\\ud800", "x\\udc00": 1}'
+    with sqlite3.connect(hostile) as conn:
+        conn.execute("UPDATE experiences SET context = ? WHERE id = ?", (context, int(kept_ids[0])))
+    manifest, rows = _extract(hostile, tmp_path / "out")
+    assert manifest["counts"]["kept"] == before["counts"]["kept"]
+    row = next(r for r in rows if r["id"] == kept_ids[0])
+    assert row["messages"][-2]["content"].endswith(f"[Context: {context}]")
+
+
 def test_texts_are_trimmed_of_all_whitespace(clean: tuple[Path, dict, list[str]], tmp_path: Path) -> None:
     db, _, kept_ids = clean
     hostile = tmp_path / "hostile.db"
@@ -347,7 +360,7 @@ _json_values = st.recursive(
 
 @st.composite
 def _json_texts(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["scores", "random", "garbled", "deep", "duplicate", "huge"]))
+    kind = draw(st.sampled_from(["scores", "random", "garbled", "deep", "duplicate", "huge", "surrogate"]))
     scores = {p: draw(st.floats(-1, 12) | st.integers(-1, 12) | st.sampled_from([None, "7", True])) for p in PRINCIPLES}
     if kind == "scores":
         return json.dumps({k: v for k, v in scores.items() if draw(st.booleans()) or k != "sacca"})
@@ -365,6 +378,8 @@ def _json_texts(draw: st.DrawFn) -> str:
             + "]" * draw(st.sampled_from([0, depth]))
             + draw(st.sampled_from(["", "}"]))
         )
+    if kind == "surrogate":
+        return draw(st.sampled_from(['{"emotional_state": "\\ud800"}', '{"\\udfff": 1, "ahimsa": 8}', '"\\ud83d"']))
     if kind == "duplicate":
         key = draw(st.sampled_from([*PRINCIPLES, "x"]))
         return json.dumps(SCORES)[:-1] + f', "{key}": 9' + "}"

@@ -90,8 +90,9 @@ def describe_context(context: str | None, fmt: ChatFormat) -> str | None:
     """The words inside the context block, or None for no block.
 
     A JSON object reads as a sentence (``Person is anxious, vulnerability level: high``),
-    other keys as ``key: value``; anything else is free text, used as it is. Text nested too
-    deep to parse safely is never parsed (extraction drops such rows before rendering).
+    other keys as ``key: value``; anything else is free text, used as it is, as is JSON whose
+    strings are no Unicode text (lone surrogate escapes). Text nested too deep to parse
+    safely is never parsed (extraction drops such rows before rendering).
     """
     if context is None or not context.strip():
         return None
@@ -102,8 +103,18 @@ def describe_context(context: str | None, fmt: ChatFormat) -> str | None:
         except (ValueError, RecursionError):
             return text
         if isinstance(parsed, dict):
-            return _describe_object(parsed, fmt)
+            described = _describe_object(parsed, fmt)
+            return text if described is not None and not _is_unicode(described) else described
     return text
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``\\ud800``), which has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe_object(obj: dict, fmt: ChatFormat) -> str | None:
