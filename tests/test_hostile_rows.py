@@ -207,6 +207,29 @@ def test_texts_are_trimmed_of_all_whitespace(clean: tuple[Path, dict, list[str]]
     assert row["text"].endswith("<|end_header_id|>\n\nFine, thanks.<|eot_id|>")
 
 
+@pytest.mark.parametrize("adbc", [True, False])
+def test_text_ids_that_are_null_or_not_utf8(tmp_path: Path, adbc: bool) -> None:
+    db = tmp_path / "text-ids.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE experiences (id TEXT PRIMARY KEY, user_message TEXT, response TEXT, actual_harm REAL, "
+            "buddhist_scores TEXT, buddhist_alignment TEXT)"
+        )
+        for i, row_id in enumerate(["a", None, b"\xc3\x28", b"bc", 5, None, "d"]):
+            conn.execute(
+                "INSERT INTO experiences VALUES (?, ?, ?, 0.1, ?, 'good')",
+                (row_id, f"q{i}", f"r{i}", json.dumps(SCORES)),
+            )
+        conn.execute(
+            "INSERT INTO experiences VALUES (CAST(X'FF' AS TEXT), 'q', 'r', 0.1, ?, 'good')", (json.dumps(SCORES),)
+        )
+    result = extract(ExtractRequest(db=str(db), data_root=tmp_path / "out", eval_fraction=0.5, adbc=adbc))
+    manifest = result.manifest
+    _identity(manifest)
+    assert {k: v for k, v in manifest["invalid"].items() if v} == {"missing_id": 2, "invalid_utf8_id": 2}
+    assert sorted(r["id"] for r in _read_back(result.path)) == ["5", "a", "bc", "d"]
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_format_trims_user_and_response(name: str) -> None:
     fmt = FORMATS[name]

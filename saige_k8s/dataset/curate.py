@@ -40,6 +40,7 @@ TEXT_COLUMNS = ("id", "user_message", "context", "response", "difficulty")
 #: Checks of this stage on texts, in order; ``empty_*`` continue the database's checks of the
 #: same name (it catches NULL, '' and spaces; other whitespace is trimmed here).
 TEXT_INVALID = (
+    "missing_id",
     *(f"invalid_utf8_{c}" for c in TEXT_COLUMNS),
     "empty_user_message",
     "empty_response",
@@ -252,7 +253,7 @@ def judge_texts(batch: pa.RecordBatch, counts: StageCounts) -> pa.RecordBatch:
     are not UTF-8 become NULL, which ``judge_scores`` counts as malformed.
     """
     columns = {name: batch.column(name) for name in batch.schema.names}
-    checks = []
+    checks = [("missing_id", pc.is_null(columns["id"]).to_numpy(zero_copy_only=False))]
     for name in TEXT_COLUMNS:
         if name == "id" and not _is_text(columns[name].type):
             continue  # integer ids

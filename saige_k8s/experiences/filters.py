@@ -33,6 +33,7 @@ INVALID_REASONS: Final = (
     "component_out_of_range",
     "unknown_alignment",
     "weighted_score_out_of_range",
+    "missing_id",
     "invalid_utf8_id",
     "invalid_utf8_user_message",
     "invalid_utf8_context",
