@@ -23,13 +23,14 @@ import sqlalchemy as sa
 
 from saige_k8s import __version__
 from saige_k8s.dataset.curate import (
-    JSON_INVALID,
     OUTPUT_SCHEMA,
+    STAGE_INVALID,
     SeenSet,
     StageCounts,
     as_examples,
     eval_mask,
     judge_scores,
+    judge_texts,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.stats import DatasetStats
@@ -154,9 +155,9 @@ def _write_candidates(
             check_stop()
             read.fetched += len(raw)
             progress.update(len(raw))
-            judged = judge_scores(raw, request.filters, read.stage)
+            judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
             if request.strict and read.stage.first_invalid:
-                break
+                continue  # failing anyway: judge the rest only to report the true count
             examples, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
             read.duplicates += duplicates
             if limit is not None and read.stats.rows + len(examples) >= limit:
@@ -203,7 +204,8 @@ def _manifest(
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
     sql_candidates = funnel.rows(CANDIDATE)
     invalid = {label.split(":", 1)[1]: n for label, n in funnel.counts.items() if label.startswith("invalid:")}
-    invalid.update({r: read.stage.invalid[r] for r in JSON_INVALID})
+    for reason in STAGE_INVALID:  # empty_* are counted by both stages
+        invalid[reason] = invalid.get(reason, 0) + read.stage.invalid[reason]
     removed = dict.fromkeys(request.filters.filter_names(), 0)
     for label, n in funnel.counts.items():
         if label.startswith("filter:"):
@@ -286,15 +288,12 @@ def _check(
     request: ExtractRequest, source: SourceTable, judgement: Judgement, manifest: dict[str, Any], read: _Read
 ) -> None:
     if request.strict and manifest["counts"]["invalid_total"]:
-        reason, count = next((r, n) for r, n in manifest["invalid"].items() if n)
-        example = (
-            read.stage.first_invalid[1]
-            if read.stage.first_invalid and read.stage.first_invalid[0] == reason
-            else (_first_id(source, judgement, reason))
-        )
+        kinds = ", ".join(f"{r}={n}" for r, n in manifest["invalid"].items() if n)
+        # Past --limit the JSON and texts of candidates were not read: more may be unusable.
+        bound = "at least " if read.reached_limit else ""
         raise InputError(
-            f"--strict: {count} unusable row(s), first reason {reason!r} (e.g. id {example}); "
-            "fix the rows or drop --strict to skip and count them"
+            f"--strict: {bound}{manifest['counts']['invalid_total']} unusable row(s) ({kinds}); "
+            f"{_first_unusable(source, judgement, read)}; fix the rows or drop --strict to skip and count them"
         )
     if manifest["counts"]["kept"] == 0:
         steps = ", ".join(f"{s['step']} -{s['removed']}" for s in manifest["funnel"] if s["removed"]) or "table empty"
@@ -303,11 +302,34 @@ def _check(
         raise NoExamplesError(f"no experiences passed the filters ({scanned} scanned; {steps}); {hint}")
 
 
-def _first_id(source: SourceTable, judgement: Judgement, reason: str) -> str:
-    code = judgement.labels.index(f"invalid:{reason}")
-    query = sa.select(judgement.columns["id"]).where(judgement.verdict == code).limit(1)
+def _first_unusable(source: SourceTable, judgement: Judgement, read: _Read) -> str:
+    """The lowest id among the rows the database and the Arrow stage found unusable, with its reason."""
+    found = []
+    if read.stage.first_invalid:
+        reason, row_id = read.stage.first_invalid
+        found.append((row_id, reason))
+    invalid_codes = sum(label.startswith("invalid:") for label in judgement.labels)
+    query = (
+        sa.select(judgement.columns["id"], judgement.verdict)
+        .where(judgement.verdict < invalid_codes)
+        .order_by(judgement.columns["id"])
+        .limit(1)
+    )
     with stream(source.url, query, adbc=False) as batches:
         for batch in batches:
             if len(batch):
-                return str(batch.column(0)[0].as_py())
-    return "?"
+                label = judgement.labels[int(batch.column(1)[0].as_py())]
+                found.insert(0, (str(batch.column(0)[0].as_py()), label.split(":", 1)[1]))
+    if len(found) == 2 and not source.id_is_integer:  # text ids: the database's order is its own
+        return "e.g. " + " and ".join(f"id {i} ({r})" for i, r in found)
+    if not found:
+        return "first: unknown"
+    row_id, reason = min(found, key=_id_order)
+    return f"first: id {row_id} ({reason})"
+
+
+def _id_order(found: tuple[str, str]) -> tuple[int, int]:
+    try:
+        return (0, int(found[0]))
+    except ValueError:  # a NULL id
+        return (1, 0)

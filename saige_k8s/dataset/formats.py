@@ -3,6 +3,10 @@
 A format is a handful of literal pieces. ``render`` joins them for one example (training
 uses it to mask the prompt exactly); ``render_columns`` joins the same pieces for whole
 Arrow columns (extraction). Both read the same pieces, so they cannot drift apart.
+
+The user message and the response are trimmed of all surrounding whitespace first (Python's
+``str.strip`` and Arrow's ``utf8_trim_whitespace`` agree on what that is), as the official
+Llama 3 template trims every message: stray newlines would otherwise be learnt as content.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from saige_k8s.dataset.jsontext import too_deep
 
 FormatName = Literal["tinyllama", "mistral", "llama3"]
 
@@ -84,19 +90,31 @@ def describe_context(context: str | None, fmt: ChatFormat) -> str | None:
     """The words inside the context block, or None for no block.
 
     A JSON object reads as a sentence (``Person is anxious, vulnerability level: high``),
-    other keys as ``key: value``; anything else is free text, used as it is.
+    other keys as ``key: value``; anything else is free text, used as it is, as is JSON whose
+    strings are no Unicode text (lone surrogate escapes). Text nested too deep to parse
+    safely is never parsed (extraction drops such rows before rendering).
     """
     if context is None or not context.strip():
         return None
     text = context.strip()
-    if text.startswith("{"):
+    if text.startswith("{") and not too_deep(text):
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text
         if isinstance(parsed, dict):
-            return _describe_object(parsed, fmt)
+            described = _describe_object(parsed, fmt)
+            return text if described is not None and not _is_unicode(described) else described
     return text
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``\\ud800``), which has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe_object(obj: dict, fmt: ChatFormat) -> str | None:
@@ -113,8 +131,9 @@ def _describe_object(obj: dict, fmt: ChatFormat) -> str | None:
 
 
 def user_turn(user: str, context: str | None, fmt: ChatFormat) -> str:
-    """The user's message with its context block, as it appears in the text and ``messages``."""
+    """The user's message, trimmed, with its context block, as it appears in the text and ``messages``."""
     described = describe_context(context, fmt)
+    user = user.strip()
     return user if described is None else user + fmt.context_block.format(described)
 
 
@@ -126,7 +145,7 @@ def prompt_prefix(fmt: ChatFormat, system: str) -> tuple[str, str]:
 
 def render(fmt: ChatFormat, system: str, user: str, context: str | None, response: str) -> tuple[str, str]:
     """(prompt, completion) for one example; ``prompt + completion`` is the dataset's text."""
-    return render_turns(fmt, system, user_turn(user, context, fmt), response)
+    return render_turns(fmt, system, user_turn(user, context, fmt), response.strip())
 
 
 def render_turns(fmt: ChatFormat, system: str, turn: str, response: str) -> tuple[str, str]:
@@ -136,12 +155,21 @@ def render_turns(fmt: ChatFormat, system: str, turn: str, response: str) -> tupl
 
 
 def render_columns(
-    fmt: ChatFormat, system: str, user: pa.Array, context: pa.Array, response: pa.Array
+    fmt: ChatFormat,
+    system: str,
+    user: pa.Array,
+    context: pa.Array,
+    response: pa.Array,
+    *,
+    trimmed: bool = False,
 ) -> tuple[pa.Array, pa.Array]:
     """(user turn, text) for whole columns: ``render`` for every row, without a Python loop.
 
-    Contexts repeat a lot, so each distinct one is described once.
+    Contexts repeat a lot, so each distinct one is described once. ``trimmed``: the caller
+    has trimmed ``user`` and ``response`` already (extraction does, to judge emptiness).
     """
+    if not trimmed:
+        user, response = pc.utf8_trim_whitespace(user), pc.utf8_trim_whitespace(response)
     encoded = pc.dictionary_encode(context)
     blocks = pa.array(
         [

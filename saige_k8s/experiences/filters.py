@@ -32,7 +32,9 @@ PRESETS: Final[dict[str, dict[str, float | str]]] = {
     "elite": {"max_harm": 0.2, "min_buddhist": 7.5, "min_alignment": "excellent"},
 }
 
-#: Reasons a row cannot be used at all, in the order they are checked.
+#: Reasons a row cannot be used at all: those the database judges, in the order they are
+#: checked, then those judged on the candidates (the ``empty_*`` checks continue there for
+#: whitespace other than spaces).
 INVALID_REASONS: Final = (
     "empty_user_message",
     "empty_response",
@@ -40,10 +42,17 @@ INVALID_REASONS: Final = (
     "harm_out_of_range",
     "component_out_of_range",
     "unknown_alignment",
+    "weighted_score_out_of_range",
+    "missing_id",
+    "invalid_utf8_id",
+    "invalid_utf8_user_message",
+    "invalid_utf8_context",
+    "invalid_utf8_response",
+    "invalid_utf8_difficulty",
+    "context_json_too_deep",
     "malformed_scores_json",
     "missing_principle_score",
     "principle_out_of_range",
-    "weighted_score_out_of_range",
 )
 
 

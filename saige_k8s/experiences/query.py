@@ -3,9 +3,10 @@
 The same ``verdict`` expression drives both queries an extraction runs, so the funnel and
 the extracted rows cannot disagree: the funnel groups the whole table by verdict; the row
 query keeps ``verdict = 'candidate'``, behind cheap implied conditions so the database
-rejects most rows early. Checks that need the ``buddhist_scores`` JSON run afterwards on the
-candidates, in Arrow (``saige_k8s.dataset.curate``): every database can run this SQL, and
-JSON parsing there would cost more than the whole scan. Identifiers come from the reflected
+rejects most rows early. Checks that need the ``buddhist_scores`` JSON, or that no SQL
+every database runs could make cheaply (UTF-8 validity, whitespace other than spaces), run
+afterwards on the candidates, in Arrow (``saige_k8s.dataset.curate``): every database can
+run this SQL, and JSON parsing there would cost more than the whole scan. Identifiers come from the reflected
 table and are quoted by SQLAlchemy; thresholds are bound parameters.
 """
 
@@ -78,7 +79,11 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     )
 
     def blank(c: ColumnElement) -> ColumnElement[bool]:
-        # trim() copies the whole text; only texts that start with a space can trim to ''.
+        # The cheap cases only: NULL, '' and spaces. The Arrow stage trims all whitespace and
+        # counts what is left blank under the same reason. trim() copies the whole text; only
+        # texts that start with a space can trim to ''.
+        if isinstance(c.type, sa.LargeBinary):  # bytea/BLOB columns: text functions do not apply
+            return sa.or_(c.is_(None), sa.func.length(c) == 0)
         return sa.or_(c.is_(None), c == "", sa.and_(c.like(" %"), sa.func.trim(c) == ""))
 
     def outside(c: ColumnElement, bounds: tuple[float, float]) -> ColumnElement[bool]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,9 +257,34 @@ def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordB
         yield batch
 
 
+def _sqlite_text(raw: bytes) -> str | bytes:
+    """SQLite TEXT holding bytes that are not UTF-8 stays bytes, for the Arrow stage to count."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _arrow_column(values: Sequence[object]) -> pa.Array:
+    """One column of driver values; a column of mixed kinds (SQLite's are dynamically typed) as text or bytes."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    if any(isinstance(v, bytes | bytearray | memoryview) for v in values):
+        return pa.array(
+            [v if v is None or isinstance(v, bytes | bytearray | memoryview) else str(v).encode() for v in values],
+            pa.binary(),
+        )
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
     engine = _engine(url)
+    if url.get_backend_name() == "sqlite":
+        # sqlite3 would raise for the whole query on one such value.
+        sa.event.listen(engine, "connect", lambda dbapi_conn, _: setattr(dbapi_conn, "text_factory", _sqlite_text))
     try:
         with engine.connect() as conn:
             try:
@@ -269,7 +294,7 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
             names = list(result.keys())
             yield _guarded(
                 (
-                    pa.RecordBatch.from_arrays([pa.array(c) for c in zip(*part, strict=True)], names=names)
+                    pa.RecordBatch.from_arrays([_arrow_column(c) for c in zip(*part, strict=True)], names=names)
                     for part in result.partitions()
                 ),
                 url,
