@@ -21,7 +21,6 @@ except ImportError:
 
 from saige_k8s.dataset.extract import ExtractRequest, extract
 from saige_k8s.experiences.demo import DemoOptions, create_database
-from saige_k8s.training import atomic
 from saige_k8s.training.data import load_dataset_dir
 from tests.tiny_model import build_tiny_model
 
@@ -192,10 +191,10 @@ def test_a_failed_adapter_write_leaves_the_previous_adapter_and_metrics(
     monkeypatch.setattr(PeftModel, "save_pretrained", half_written)
     result = _train(root, run)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
     assert _snapshot(run / "adapter") == before
     assert (run / "metrics.json").read_bytes() == metrics
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
 
 
 def test_a_failed_export_leaves_the_previous_merged_model_and_modelfile(
@@ -215,10 +214,10 @@ def test_a_failed_export_leaves_the_previous_merged_model_and_modelfile(
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_written)
     result = run_cli("export", str(run))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
     assert _snapshot(run / "merged") == before
     assert (run / "Modelfile").read_bytes() == modelfile
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
 
 
 def test_stale_temporaries_are_removed_and_never_taken_for_checkpoints(
@@ -248,6 +247,8 @@ def test_stale_temporaries_are_removed_and_never_taken_for_checkpoints(
 
 
 def test_write_text_failing_midway_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    from saige_k8s.training import atomic
+
     target = tmp_path / "metrics.json"
     target.write_text("old")
 
@@ -262,6 +263,8 @@ def test_write_text_failing_midway_keeps_the_old_file(tmp_path: Path, monkeypatc
 
 
 def test_replacing_a_directory_is_all_or_nothing(tmp_path: Path) -> None:
+    from saige_k8s.training import atomic
+
     target = tmp_path / "adapter"
     target.mkdir()
     (target / "weights").write_text("old")
@@ -278,6 +281,8 @@ def test_replacing_a_directory_is_all_or_nothing(tmp_path: Path) -> None:
 
 
 def test_a_kill_mid_swap_gets_the_old_directory_back(tmp_path: Path) -> None:
+    from saige_k8s.training import atomic
+
     dead = _dead_pid()
     aside = tmp_path / f".tmp-adapter.old-{dead}"
     aside.mkdir()
