@@ -61,7 +61,6 @@ def replacing_dir(path: Path, pid: int | None = None) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,10 +74,16 @@ def replace_dir(new: Path, path: Path) -> None:
     A kill between the two renames leaves the old one aside; ``remove_stale`` puts it back.
     """
     aside = path.with_name(f".tmp-{path.name}{_ASIDE}-{os.getpid()}")
+    _fsync_tree(new)
     shutil.rmtree(aside, ignore_errors=True)
     if path.exists():
         os.rename(path, aside)
-    os.rename(new, path)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if aside.exists() and not path.exists():
+            os.rename(aside, path)
+        raise
     _fsync(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -321,12 +321,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in checkpoints(run_dir) if (p / STATE).exists()]
-    return found[-1] if found else None
-
-
-def unusable(checkpoint: Path, model: Any, accelerator: Any) -> str | None:
+def _unusable(checkpoint: Path, model: Any, accelerator: Any) -> str | None:
     """Why this run cannot resume from ``checkpoint`` (None: every file it needs is there and loads)."""
     from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
 
@@ -378,7 +373,7 @@ def _resume(accelerator: Any, model: Any, run_dir: Path) -> _State:
     chosen = None
     if accelerator.is_main_process:  # the checkpoints are on a shared volume: one process judges
         for checkpoint in reversed(found):
-            why = unusable(checkpoint, model, accelerator)
+            why = _unusable(checkpoint, model, accelerator)
             if why is None:
                 chosen = checkpoint
                 break
@@ -389,7 +384,7 @@ def _resume(accelerator: Any, model: Any, run_dir: Path) -> _State:
     if chosen is None:
         return _State()
     try:
-        # The saved weights are the trainable ones; ``unusable`` made sure every one of them is there.
+        # The saved weights are the trainable ones; ``_unusable`` made sure every one of them is there.
         accelerator.load_state(str(chosen), strict=False)
     except Exception as exc:  # noqa: BLE001 - checked just before; one clear line if it still fails
         raise RuntimeFailure(f"cannot resume from checkpoint {chosen}: {type(exc).__name__}: {exc}") from None
