@@ -129,6 +129,24 @@ def test_resume_from_a_checkpoint_is_exact(root: Path, finished: Path, tmp_path:
     assert _same_adapter(run, finished)
 
 
+def test_a_4bit_run_resumes_exactly(root: Path, tmp_path: Path, caplog) -> None:
+    """QLoRA: the quantised base is loaded again, not saved; bitsandbytes' CPU inference repacking
+    (at the first evaluation) must not make the first run train differently from a resumed one."""
+    pytest.importorskip("bitsandbytes")
+    caplog.set_level(logging.INFO, logger="saige_k8s")
+    whole = tmp_path / "whole"
+    assert _train(root, whole, "--use-4bit").exit_code == 0
+    run = tmp_path / "resumed"
+    shutil.copytree(whole, run)
+    shutil.rmtree(run / "checkpoints" / STEP8)
+    shutil.rmtree(run / "adapter")
+    result = _train(root, run, "--use-4bit")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 4" in caplog.text
+    assert _same_adapter(run, whole)
+    assert any(bool(t.any()) for k, t in _adapter(run).items() if "lora_B" in k)  # it learnt (B starts at 0)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
