@@ -46,7 +46,7 @@ class LoadedDataset:
 
 
 def load_dataset_dir(path: Path) -> LoadedDataset:
-    """Read a published dataset (DESIGN §3.4), or the seed's CSV; errors say what is wrong."""
+    """Read a published dataset, or the seed's CSV; errors say what is wrong."""
     if path.suffix == ".csv" and path.is_file():
         return load_csv(path)
     manifest_path = path / MANIFEST

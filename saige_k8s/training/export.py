@@ -14,13 +14,11 @@ from typing import Any
 from saige_k8s.dataset.formats import FORMATS, prompt_prefix
 from saige_k8s.errors import InputError
 from saige_k8s.spec import TrainSpec
-from saige_k8s.training.loop import ADAPTER, METRICS
+from saige_k8s.training import atomic
+from saige_k8s.training.loop import ADAPTER, MERGED, METRICS, MODELFILE, OUTPUTS
 from saige_k8s.training.model import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-MERGED = "merged"
-MODELFILE = "Modelfile"
 
 
 def modelfile(format_name: str, system: str, model_dir: str = f"./{MERGED}") -> str:
@@ -39,7 +37,10 @@ def modelfile(format_name: str, system: str, model_dir: str = f"./{MERGED}") -> 
 
 
 def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Merge ``run_dir/adapter`` into its base model (safetensors) and write the Modelfile."""
+    """Merge ``run_dir/adapter`` into its base model (safetensors) and write the Modelfile.
+
+    Both replace what an earlier export left only once written whole (Ollama may be reading it).
+    """
     import torch
     from peft import PeftModel
 
@@ -47,14 +48,17 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
 
     metrics = _read_metrics(run_dir)
     out = out_dir or run_dir / MERGED
+    atomic.remove_stale(run_dir, OUTPUTS)
+    atomic.remove_stale(out.parent, {out.name})
     spec = TrainSpec.model_validate({**metrics["hyperparameters"], "quantization": None})
     base = load_base_model(spec, dtype=torch.float32)
     merged = without_quantization_config(PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload())
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(spec).save_pretrained(out)
+    with atomic.writing(out), atomic.replacing_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(spec).save_pretrained(tmp)
     location = f"./{out.relative_to(run_dir)}" if out.is_relative_to(run_dir) else str(out)
-    (run_dir / MODELFILE).write_text(modelfile(metrics["format"], metrics.get("system_prompt", ""), location))
+    with atomic.writing(run_dir / MODELFILE):
+        atomic.write_text(run_dir / MODELFILE, modelfile(metrics["format"], metrics.get("system_prompt", ""), location))
     return out
 
 

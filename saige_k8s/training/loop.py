@@ -2,9 +2,10 @@
 
 Run it as it is on a CPU or one GPU, or under ``accelerate launch`` / ``torchrun`` for
 several processes: accelerate's ``Accelerator`` picks the setting up from the launcher.
-Checkpoints (adapter, optimizer, scheduler, RNG, and where in which epoch) go to
-``RUN/checkpoints/step-N`` every ``save_steps`` optimizer steps and when SIGTERM arrives; a
-rerun with the same run directory continues from the newest one at the same step.
+Checkpoints (the trainable LoRA weights, optimizer, scheduler, RNG, and where in which epoch)
+go to ``RUN/checkpoints/step-N`` every ``save_steps`` optimizer steps and when SIGTERM arrives;
+a rerun with the same run directory continues from the newest one that is whole, at the same
+step. The frozen base is not saved: it is loaded again from the model, as on the first run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -21,9 +23,10 @@ from typing import Any
 
 import torch
 
-from saige_k8s.errors import Interrupted, ResourceError
+from saige_k8s.errors import Interrupted, ResourceError, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
+from saige_k8s.training import atomic
 from saige_k8s.training.data import (
     Example,
     collate,
@@ -40,6 +43,10 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.json"
 STATE = "trainer_state.json"
+MERGED = "merged"
+MODELFILE = "Modelfile"
+#: What a run writes in its directory through a temporary (export's outputs included).
+OUTPUTS = {ADAPTER, METRICS, MERGED, MODELFILE}
 #: On a GPU every new sequence length costs a one-off setup (measured on an H100: bf16 autocast
 #: ran 5.8x slower than fp32 with a new length per batch), so batch widths round up to this.
 CUDA_PAD_MULTIPLE = 8
@@ -82,7 +89,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
 def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 - the loop reads best in one piece
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
     from transformers import get_scheduler
 
     started = time.perf_counter()
@@ -127,9 +134,15 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         num_training_steps=total_steps * accelerator.num_processes,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = _resume(accelerator, options.run_dir)
+    _save_only_trainable(accelerator, model)
     if accelerator.is_main_process:
         options.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale(options.run_dir, OUTPUTS)
+        atomic.remove_stale(options.run_dir / CHECKPOINTS)
+    # Checkpoint temporaries are named after the main process, whichever process writes into them.
+    owner = broadcast_object_list([os.getpid()])[0]
+    state = _resume(accelerator, model, options.run_dir)
+    if accelerator.is_main_process:
         accelerator.init_trackers("tensorboard")
     if not state.step:  # a resumed run keeps the untrained adapter's eval loss
         state.eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
@@ -172,10 +185,10 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
                 _log_step(accelerator, state, window_loss / max(window_batches, 1), scheduler, rate, progress)
                 window_loss, window_batches = 0.0, 0
             if _should_stop(accelerator):
-                _checkpoint(accelerator, options, state)
+                _checkpoint(accelerator, options, state, owner)
                 raise Interrupted(f"stopped by SIGTERM at step {state.step}; checkpoint saved, rerun to resume")
             if state.step % spec.save_steps == 0:
-                _checkpoint(accelerator, options, state)
+                _checkpoint(accelerator, options, state, owner)
             if state.step >= total_steps:
                 break
         else:
@@ -215,10 +228,11 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter = options.run_dir / ADAPTER
-        accelerator.unwrap_model(model).save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        (options.run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        with atomic.writing(options.run_dir / ADAPTER), atomic.replacing_dir(options.run_dir / ADAPTER) as adapter:
+            accelerator.unwrap_model(model).save_pretrained(adapter)
+            tokenizer.save_pretrained(adapter)
+        with atomic.writing(options.run_dir / METRICS):
+            atomic.write_text(options.run_dir / METRICS, json.dumps(metrics, indent=2, default=str) + "\n")
     accelerator.end_training()
     return metrics
 
@@ -275,34 +289,107 @@ def _should_stop(accelerator: Any) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def _checkpoint(accelerator: Any, options: TrainOptions, state: _State) -> None:
+def _save_only_trainable(accelerator: Any, model: Any) -> None:
+    """Checkpoints hold the trainable (LoRA) weights only: the frozen base is the model as loaded."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def keep_trainable(_models: list[Any], weights: list[dict[str, Any]], _output_dir: str) -> None:
+        for i, state_dict in enumerate(weights):
+            weights[i] = {k: v for k, v in state_dict.items() if k in trainable}
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def _checkpoint(accelerator: Any, options: TrainOptions, state: _State, owner: int) -> None:
+    """Written into a temporary directory, renamed to ``step-N`` once whole: a kill leaves none."""
     root = options.run_dir / CHECKPOINTS
     target = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-step-{state.step:08d}"
+    tmp = atomic.temp_dir(target, owner)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps(asdict(state)))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # a checkpoint is complete or absent
-        for old in sorted(root.glob("step-*"))[: -options.keep_checkpoints]:
+        atomic.write_text(tmp / STATE, json.dumps(asdict(state)))
+        atomic.replace_dir(tmp, target)
+        for old in checkpoints(options.run_dir)[: -options.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / STATE).exists())
-    return found[-1] if found else None
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporaries are hidden, named ``.tmp-step-N-PID``)."""
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
 
 
-def _resume(accelerator: Any, run_dir: Path) -> _State:
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+def _unusable(checkpoint: Path, model: Any, accelerator: Any) -> str | None:
+    """Why this run cannot resume from ``checkpoint`` (None: every file it needs is there and loads)."""
+    from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
+
+    trainable = {key: list(p.shape) for key, p in model.named_parameters() if p.requires_grad}
+    needed = [STATE, SAFE_WEIGHTS_NAME, f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"]
+    needed += [f"{RNG_STATE_NAME}_{i}.pkl" for i in range(accelerator.num_processes)]
+    if accelerator.scaler is not None:
+        needed.append(SCALER_NAME)
+    for name in needed:
+        try:
+            why = _check_file(checkpoint, name, trainable)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, the checkpoint is unusable
+            reason = str(exc).strip().splitlines()
+            return f"{name} cannot be read ({type(exc).__name__}{': ' + reason[0] if reason else ''})"
+        if why:
+            return f"{name} {why}"
+    return None
+
+
+def _check_file(checkpoint: Path, name: str, trainable: dict[str, list[int]]) -> str | None:
+    """Load one checkpoint file the way ``load_state`` will; what is wrong with it, if anything."""
+    from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, load
+    from safetensors import safe_open
+
+    path = checkpoint / name
+    if name == STATE:
+        step = _State(**json.loads(path.read_text())).step
+        return None if checkpoint.name == f"step-{step:08d}" else f"is for step {step}"
+    if name.endswith(".safetensors"):
+        with safe_open(path, "pt") as weights:  # checks the header against the file's size
+            shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+        wrong = [key for key, shape in trainable.items() if shapes.get(key) != shape]
+        return f"lacks {wrong[0]} or has it in another shape (another LoRA setting?)" if wrong else None
+    loaded = load(path, map_location="cpu")
+    if name.startswith(OPTIMIZER_NAME) and sum(len(g["params"]) for g in loaded["param_groups"]) != len(trainable):
+        return "is for another number of trainable tensors"
+    if name.startswith(RNG_STATE_NAME) and not {"random_state", "torch_manual_seed"} <= set(loaded):
+        return "lacks a random state"
+    return None
+
+
+def _resume(accelerator: Any, model: Any, run_dir: Path) -> _State:
+    """Continue from the newest checkpoint that is whole; a damaged one is skipped with a warning."""
+    from accelerate.utils import broadcast_object_list
+
+    found = checkpoints(run_dir)
+    chosen = None
+    if accelerator.is_main_process:  # the checkpoints are on a shared volume: one process judges
+        for checkpoint in reversed(found):
+            why = _unusable(checkpoint, model, accelerator)
+            if why is None:
+                chosen = checkpoint
+                break
+            log.warning("skipping checkpoint %s: %s", checkpoint, why)
+        if found and chosen is None:
+            log.warning("no usable checkpoint in %s: training starts from scratch", run_dir / CHECKPOINTS)
+    chosen = broadcast_object_list([chosen])[0]
+    if chosen is None:
         return _State()
-    accelerator.load_state(str(checkpoint))
-    state = _State(**json.loads((checkpoint / STATE).read_text()))
-    log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    try:
+        # The saved weights are the trainable ones; ``_unusable`` made sure every one of them is there.
+        accelerator.load_state(str(chosen), strict=False)
+    except Exception as exc:  # noqa: BLE001 - checked just before; one clear line if it still fails
+        raise RuntimeFailure(f"cannot resume from checkpoint {chosen}: {type(exc).__name__}: {exc}") from None
+    state = _State(**json.loads((chosen / STATE).read_text()))
+    log.info("resuming at step %d (epoch %d, batch %d) from %s", state.step, state.epoch, state.batch_in_epoch, chosen)
     return state
 
 

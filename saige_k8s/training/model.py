@@ -109,6 +109,7 @@ def load_model(options: TrainSpec) -> Any:
     model = load_base_model(options)
     if options.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        _keep_4bit_weights_trainable(model)
     elif options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -127,6 +128,17 @@ def load_model(options: TrainSpec) -> Any:
     except ValueError as exc:
         hint = "(try --target-modules all-linear)"
         raise ConfigError(f"LoRA target modules: {str(exc).splitlines()[0]} {hint}") from None
+
+
+def _keep_4bit_weights_trainable(model: Any) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first
+    eval-mode forward, and no gradient flows through them after that until a state_dict unpacks
+    them: the adapter would not learn between the first evaluation and the first checkpoint,
+    and a resumed run (no first evaluation) would train differently. Training keeps them as they are.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def without_quantization_config(model: Any) -> Any:
