@@ -741,7 +741,8 @@ def _champion_store(spec_path: Path | None, data_root: Path | None):
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="[default: RUN_DIR/merged]")
-def export(run_dir: Path, out: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Export a run the gate rejected (its eval.json says so).")
+def export(run_dir: Path, out: Path | None, force: bool) -> None:
     """Merge a run's adapter into its base model (safetensors) and write an Ollama Modelfile.
 
     \b
@@ -749,7 +750,7 @@ def export(run_dir: Path, out: Path | None) -> None:
     """
     from saige_k8s.training.export import MODELFILE, export_run
 
-    merged = export_run(run_dir, out)
+    merged = export_run(run_dir, out, force=force)
     click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")
 
 

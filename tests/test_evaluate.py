@@ -79,7 +79,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             "logging_steps": 20,
             "gpus": 0,
         },
-        "evaluate": {"gate": {"max_eval_loss_rise": 1.0, "min_items": 3}},
+        "evaluate": {"gate": {"max_eval_loss_rise": 1.0, "min_items": 3, "margin_tolerance": 0.0}},
     }
     path = base / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -122,6 +122,9 @@ def test_a_candidate_that_learnt_the_bad_answers_is_rejected_naming_the_principl
     assert (root / "models" / "evaltest" / "CHAMPION").read_text().strip() == "taught-good"
     history = json.loads(run_cli("models", "-f", spec, "-o", "json").stdout)["history"]
     assert [(h["run_id"], h["verdict"]) for h in history][-1] == ("taught-bad", "rejected")
+    refused = run_cli("export", root / "runs" / "taught-bad")
+    assert refused.exit_code == 2 and "was rejected by the gate" in refused.stderr
+    assert not (root / "runs" / "taught-bad" / "merged").exists()
 
 
 def test_promote_and_rollback_by_hand_are_recorded(workspace) -> None:

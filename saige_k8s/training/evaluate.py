@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from saige_k8s.evaluation.compare import paired_comparison
 from saige_k8s.evaluation.gate import decide
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 from saige_k8s.spec import EvaluateSpec, TrainSpec
+from saige_k8s.training import atomic
 from saige_k8s.training.data import Example, collate, load_dataset_dir, tokenize, tokenize_all
 from saige_k8s.training.loop import ADAPTER, METRICS
 from saige_k8s.training.model import load_base_model, load_tokenizer
@@ -218,7 +218,8 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
         "duration_seconds": time.perf_counter() - started,
         "time": now(),
     }
-    write_json_atomically(run_dir / EVAL_FILE, result)
+    with atomic.writing(run_dir / EVAL_FILE):
+        atomic.write_text(run_dir / EVAL_FILE, json.dumps(result, indent=2, default=str) + "\n")
     record = {
         "dataset_id": result["dataset_id"],
         "base_model": result["base_model"],
@@ -277,16 +278,6 @@ def _dataset_dir(metrics: dict[str, Any], data_root: Path) -> Path:
     if not fallback.is_dir():
         raise InputError(f"the run's dataset is gone: neither {recorded} nor {fallback} exists")
     return fallback
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """A reader sees the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

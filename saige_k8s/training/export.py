@@ -36,10 +36,11 @@ def modelfile(format_name: str, system: str, model_dir: str = f"./{MERGED}") -> 
     return "\n".join(lines) + "\n"
 
 
-def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
+def export_run(run_dir: Path, out_dir: Path | None = None, force: bool = False) -> Path:
     """Merge ``run_dir/adapter`` into its base model (safetensors) and write the Modelfile.
 
     Both replace what an earlier export left only once written whole (Ollama may be reading it).
+    A run the gate rejected is not exported unless ``force``: only a promoted model is served.
     """
     import torch
     from peft import PeftModel
@@ -47,6 +48,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     from saige_k8s.training.model import load_base_model, without_quantization_config
 
     metrics = _read_metrics(run_dir)
+    _check_not_rejected(run_dir, force)
     out = out_dir or run_dir / MERGED
     atomic.remove_stale(run_dir, OUTPUTS)
     atomic.remove_stale(out.parent, {out.name})
@@ -60,6 +62,18 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     with atomic.writing(run_dir / MODELFILE):
         atomic.write_text(run_dir / MODELFILE, modelfile(metrics["format"], metrics.get("system_prompt", ""), location))
     return out
+
+
+def _check_not_rejected(run_dir: Path, force: bool) -> None:
+    try:
+        verdict = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("verdict")
+    except (OSError, ValueError):
+        return  # not evaluated (evaluation is off): nothing to refuse on
+    if verdict == "rejected" and not force:
+        raise InputError(
+            f"run {run_dir.name} was rejected by the gate (see {run_dir / 'eval.json'}); "
+            "export it anyway with --force, e.g. after saige-k8s promote"
+        )
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
