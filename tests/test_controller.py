@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ RUN = "demo-20261125-130000"
 VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
 
-def _spec(**train: Any) -> Any:
+def _spec(evaluate: bool = False, **train: Any) -> Any:
     return parse_spec(
         {
             "name": "demo",
             "extract": {"min_examples": 10},
+            "evaluate": {"enabled": evaluate},
             "train": {"gpus": 1, **train},
             "kubernetes": {"secrets": {"db_url": {"name": "saige-db", "key": "url"}}},
         }
@@ -332,3 +334,63 @@ def test_a_step_stuck_pending_is_reported_with_the_schedulers_reason(kube, monke
     assert wait_for(lambda: any(reported in m for m in submission.messages), 10), submission.messages
     _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=7))
     submission.join()
+
+
+def _verdict(verdict: str, reasons: list[str]) -> str:
+    return json.dumps(
+        {
+            "dataset_id": RUN,
+            "candidate": RUN,
+            "baseline": "demo-20261118-130000",
+            "verdict": verdict,
+            "reasons": reasons,
+        }
+    )
+
+
+def _through_training(kube: KubeEmulator, submission: Submission) -> None:
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    assert wait_for(lambda: _job(kube, f"{RUN}-train") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-train", "train")
+    assert wait_for(lambda: _job(kube, f"{RUN}-evaluate") is not None, 10), submission.messages
+
+
+def test_a_promoted_candidate_is_exported_after_its_evaluation(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(evaluate=True, export=True), RUN))
+    _through_training(kube, submission)
+    evaluate = _job(kube, f"{RUN}-evaluate")
+    pod = evaluate["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"][:3] == ["saige-k8s", "evaluate", f"/data/runs/{RUN}"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    rules = evaluate["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert _job(kube, f"{RUN}-export") is None  # nothing is exported before the verdict
+    _finish(kube, f"{RUN}-evaluate", "evaluate", message=_verdict("promoted", ["overall win rate 0.71 vs 0.64"]))
+    assert wait_for(lambda: _job(kube, f"{RUN}-export") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-export", "export")
+    submission.join()
+    assert submission.error is None, submission.error
+    assert submission.outcome.finished == ["extract", "train", "evaluate", "export"]
+    assert f"evaluate: candidate {RUN} promoted against demo-20261118-130000" in submission.messages
+    for obj in _sent_objects(kube):
+        for version in VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_a_rejected_candidate_ends_the_run_as_rejected_and_is_not_exported(kube):
+    from saige_k8s.errors import CandidateRejected
+
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(evaluate=True, export=True), RUN))
+    _through_training(kube, submission)
+    reasons = ["karuna regressed: mean margin -0.21 vs +0.04 (delta -0.25, 95% CI -0.38 to -0.12, n=14)"]
+    _finish(kube, f"{RUN}-evaluate", "evaluate", exit_code=3, message=_verdict("rejected", reasons))
+    submission.join()
+    assert isinstance(submission.error, CandidateRejected)
+    assert submission.error.exit_code == 3
+    assert "rejected: karuna regressed" in str(submission.error)
+    time.sleep(0.5)
+    assert _job(kube, f"{RUN}-export") is None
+    assert [job["metadata"]["name"] for job in kube.objects("jobs", NS)][-1] == f"{RUN}-evaluate"
