@@ -1,8 +1,9 @@
 """The ``saige-k8s`` command line. Commands parse options and hand off to the library.
 
 Exit codes: 0 success; 1 a runtime failure (database unreachable, I/O error; worth a
-retry); 2 bad usage, configuration or input (retrying will not help); 130 interrupted
-(Ctrl-C); 143 stopped by SIGTERM (partial output removed).
+retry); 2 bad usage, configuration or input (retrying will not help); 3 the gate rejected
+the candidate (an outcome: the champion stays); 130 interrupted (Ctrl-C); 143 stopped by
+SIGTERM (partial output removed).
 """
 
 from __future__ import annotations

@@ -420,6 +420,8 @@ class Step:
     reports: bool = False
     #: Looks at that summary before the next step starts, and raises to end the run there.
     check: Callable[[PipelineSpec, dict[str, Any]], None] | None = None
+    #: May end with a rejection (exit 3, its summary says why): an outcome its Job never retries.
+    rejects: bool = False
     #: The summary in one line, for the run's progress messages.
     describe: Callable[[dict[str, Any]], str] = lambda summary: "succeeded"
     #: A command that runs first, in the same place (an init container on Kubernetes).
@@ -570,6 +572,7 @@ STEPS: tuple[Step, ...] = (
         image=_train_image,
         pod_defaults=_pod_defaults(6, "2", "16Gi", "32Gi"),
         enabled=lambda spec: spec.evaluate.enabled,
+        rejects=True,
         gpus=lambda spec: min(1, spec.train.gpus),
         reports=True,
         check=lambda spec, summary: check_verdict(summary),

@@ -29,7 +29,7 @@ def test_every_shipped_spec_renders_strictly_valid_jobs(spec_path: Path):
     spec = load_spec(spec_path)
     jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, f"{spec.name}-20261125-130000"))]
     assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == (
-        ["extract", "train", "export"] if spec.train.export else ["extract", "train"]
+        ["extract", "train", "evaluate", "export"] if spec.train.export else ["extract", "train", "evaluate"]
     )
     for job in jobs:
         for version in VERSIONS:
@@ -81,7 +81,8 @@ def test_pods_are_hardened_and_steps_carry_labels_and_failure_policy():
         rules = job["spec"]["podFailurePolicy"]["rules"]
         assert rules[0] == {
             "action": "FailJob",
-            "onExitCodes": {"containerName": step, "operator": "In", "values": [2]},
+            # 3: the evaluate step's rejected candidate, an outcome
+            "onExitCodes": {"containerName": step, "operator": "In", "values": [2, 3] if step == "evaluate" else [2]},
         }
         assert rules[1]["action"] == "Ignore"
         assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
@@ -210,7 +211,7 @@ def test_demo_spec_creates_its_database_on_the_volume_and_collect_runs_first():
         }
     )
     jobs = [to_dict(job) for job in pipeline_jobs(Run(with_collect, "c1"))]
-    assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == ["collect", "extract", "train"]
+    assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == ["collect", "extract", "train", "evaluate"]
     collect = _pod(jobs[0])["containers"][0]
     assert collect["image"] == "registry.example/saige-trainer:1.2"
     assert collect["command"] == ["node", "trainer.js"]

@@ -27,17 +27,28 @@ def test_every_step_name_has_one_entry_and_one_pod_block() -> None:
 
 
 def test_an_unknown_step_is_an_error_not_another_steps_command() -> None:
-    with pytest.raises(ConfigError, match="unknown step 'evaluate'"):
-        step("evaluate")
-    with pytest.raises(ConfigError, match="unknown step 'evaluate'"):
-        construct_step_job(Run(PipelineSpec(), "r1"), "evaluate")
+    with pytest.raises(ConfigError, match="unknown step 'judge'"):
+        step("judge")
+    with pytest.raises(ConfigError, match="unknown step 'judge'"):
+        construct_step_job(Run(PipelineSpec(), "r1"), "judge")
 
 
 def test_the_spec_decides_which_steps_run() -> None:
     names = lambda spec: [s.name for s in Run(spec, "r1").steps]  # noqa: E731
-    assert names(PipelineSpec()) == ["extract", "train"]
+    assert names(PipelineSpec()) == ["extract", "train", "evaluate"]
     with_all = parse_spec({"collect": {"image": "x", "command": ["true"]}, "train": {"export": True}})
-    assert names(with_all) == ["collect", "extract", "train", "export"]
+    assert names(with_all) == ["collect", "extract", "train", "evaluate", "export"]
+    assert names(parse_spec({"evaluate": {"enabled": False}})) == ["extract", "train"]
+
+
+def test_the_longest_step_name_fits_the_job_name_limit() -> None:
+    from saige_k8s.runners.jobs import job_name
+
+    longest = "a" * 38
+    for entry in STEPS:
+        job_name(f"{longest}-20261201-000000", entry.name)  # NAME-YYYYMMDD-HHMMSS-STEP within 63
+    with pytest.raises(ValueError):
+        PipelineSpec(name="a" * 39)
 
 
 def _spec_file(tmp_path: Path, db: str, command: list[str], **kubernetes: object) -> Path:

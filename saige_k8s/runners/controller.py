@@ -62,7 +62,7 @@ class KubernetesBackend(Backend):
             idle=lambda: _still(cluster, name, step.name, say),
             timeout=deadline + WAIT_SLACK_SECONDS,
         )
-        if step.reports and _rejected(cluster, finished, step.name):
+        if step.rejects and _rejected(cluster, finished, step.name):
             return step_summary(cluster, name, step.name, exit_code=REJECTED_EXIT)
         _raise_if_failed(cluster, step.name, finished)
         return step_summary(cluster, name, step.name) if step.reports else None

@@ -119,7 +119,7 @@ def construct_step_job(run: Run, name: str) -> client.V1Job:
             backoff_limit=pod.backoff_limit,
             active_deadline_seconds=pod.active_deadline_seconds,
             ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=_failure_policy(step.name),
+            pod_failure_policy=_failure_policy(step.name, rejects=step.rejects),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=labels, annotations={SPEC_ANNOTATION: spec_document(spec)}),
                 spec=pod_spec,
@@ -207,7 +207,7 @@ def construct_controller_job(run: Run) -> client.V1Job:
             backoff_limit=0,
             active_deadline_seconds=max(CONTROLLER_DEADLINE_SECONDS, steps_deadline),
             ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=_failure_policy(CONTROLLER_CONTAINER),
+            pod_failure_policy=_failure_policy(CONTROLLER_CONTAINER, rejects=True),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(
                     labels=labels, annotations={SPEC_ANNOTATION: spec_document(run.spec, with_kubernetes=True)}
@@ -329,15 +329,17 @@ def _resources(pod: PodSpec) -> client.V1ResourceRequirements:
     )
 
 
-def _failure_policy(container: str) -> client.V1PodFailurePolicy:
+def _failure_policy(container: str, rejects: bool = False) -> client.V1PodFailurePolicy:
+    """Not retried: a configuration error, or a rejected candidate (where the container can reject one)."""
     disrupted = client.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
     return client.V1PodFailurePolicy(
         rules=[
-            # A configuration error, or a rejected candidate: a retry would end the same way.
             client.V1PodFailurePolicyRule(
                 action="FailJob",
                 on_exit_codes=client.V1PodFailurePolicyOnExitCodesRequirement(
-                    container_name=container, operator="In", values=[CONFIG_ERROR_EXIT, REJECTED_EXIT]
+                    container_name=container,
+                    operator="In",
+                    values=[CONFIG_ERROR_EXIT, REJECTED_EXIT] if rejects else [CONFIG_ERROR_EXIT],
                 ),
             ),
             # Preemption, eviction, node drain: not the step's fault, not a retry spent.

@@ -80,7 +80,7 @@ class LocalBackend(Backend):
         with (state_dir / f"{step.name}.log").open("ab") as log_file:
             for command in filter(None, (step.prepare(context), step.command(context))):
                 say(f"{step.name}: {' '.join(command)}")
-                code = self._process(state, command, env, log_file, deadline, reports=step.reports)
+                code = self._process(state, command, env, log_file, deadline, rejects=step.rejects)
         state.finish("Succeeded" if code == 0 else "Rejected", code)
         if not step.reports:
             return None
@@ -91,7 +91,7 @@ class LocalBackend(Backend):
         return summary
 
     def _process(
-        self, state: _State, command: list[str], env: dict[str, str], log_file: IO[bytes], limit: int, reports: bool
+        self, state: _State, command: list[str], env: dict[str, str], log_file: IO[bytes], limit: int, rejects: bool
     ) -> int:
         """The process's exit code: 0, or a rejection from a step that reports its outcome."""
         try:
@@ -121,7 +121,7 @@ class LocalBackend(Backend):
         if stop_requested():
             state.finish("Cancelled", code)
             raise Interrupted(f"stopped by SIGTERM during step {state.step}")
-        if code == REJECTED_EXIT and reports:
+        if code == REJECTED_EXIT and rejects:
             return code  # its summary says why; the pipeline's check on it ends the run
         if code != 0:
             state.finish("Failed", code)
