@@ -59,7 +59,7 @@ def load_dataset_dir(path: Path) -> LoadedDataset:
     fmt = manifest.get("format")
     if fmt not in FORMATS:
         raise InputError(f"dataset {path} has unknown format {fmt!r}")
-    splits = {}
+    splits: dict[str, list[tuple[str, str]]] = {}
     for split in ("train", "eval"):
         file = path / f"{split}.parquet"
         if not file.exists():
