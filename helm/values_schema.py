@@ -252,6 +252,8 @@ def chart_schema() -> dict[str, Any]:
                         "keptHarmRise": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                         "sourceHarmRise": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                         "harmRiseWindow": string(DURATION),
+                        "regressionTolerance": {"type": "number", "minimum": 0},
+                        "regressionMinItems": integer(1),
                     }
                 ),
             }

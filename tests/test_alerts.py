@@ -27,6 +27,7 @@ PIPELINE = "saige"  # pipeline.name of the monitoring scenario
 ALERT_LABELS = {"team": "ml"}  # metrics.prometheusRule.alertLabels of the monitoring scenario
 PIPELINE_JOB = {"job": "saige-pipeline", "pipeline": PIPELINE}
 EXTRACT_JOB = {"job": "saige-extract", "pipeline": PIPELINE}
+EVALUATE_JOB = {"job": "saige-evaluate", "pipeline": PIPELINE}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_the_rules_pass_promtool_check(groups, tmp_path):
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
     result = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout, result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout, result.stdout + result.stderr
     assert "inconsistency" not in result.stderr
 
 
@@ -184,7 +185,129 @@ for metric, alertname, threshold in (
         ),
     ]
 
+
+def evaluation(verdict: str) -> list[dict[str, str]]:
+    """The verdict and info series of one evaluation push (the other verdict is 0)."""
+    other = "promoted" if verdict == "rejected" else "rejected"
+    info = {**EVALUATE_JOB, "candidate": "run-2", "baseline": "run-1", "verdict": verdict}
+    return [
+        series("saige_eval_verdict", {**EVALUATE_JOB, "verdict": verdict}, "1x20"),
+        series("saige_eval_verdict", {**EVALUATE_JOB, "verdict": other}, "0x20"),
+        series("saige_eval_info", info, "1x20"),
+    ]
+
+
+def margin_delta(
+    kind: str, group: str, lower: str, point: str, upper: str, items: str = "50x20"
+) -> list[dict[str, str]]:
+    labels = {**EVALUATE_JOB, "kind": kind, "group": group}
+    return [
+        series("saige_eval_margin_delta", {**labels, "bound": "lower"}, lower),
+        series("saige_eval_margin_delta", {**labels, "bound": "point"}, point),
+        series("saige_eval_margin_delta", {**labels, "bound": "upper"}, upper),
+        series("saige_eval_items", labels, items),
+    ]
+
+
+REJECTED = {**EVALUATE_JOB, "verdict": "rejected", "candidate": "run-2", "baseline": "run-1"}
+CASES += [
+    (
+        "rejected: the last candidate was rejected",
+        "1m",
+        evaluation("rejected"),
+        [
+            ("0m", "SaigeCandidateRejected", []),  # pending (for: 5m)
+            ("10m", "SaigeCandidateRejected", [alert(REJECTED)]),
+        ],
+    ),
+    (
+        "rejected: the last candidate was promoted",
+        "1m",
+        evaluation("promoted"),
+        [("10m", "SaigeCandidateRejected", [])],
+    ),
+    (
+        "rejected: a later candidate is promoted (the group is replaced) and the alert resolves",
+        "1m",
+        [
+            series("saige_eval_verdict", {**EVALUATE_JOB, "verdict": "rejected"}, "1x10 0x10"),
+            series("saige_eval_verdict", {**EVALUATE_JOB, "verdict": "promoted"}, "0x10 1x10"),
+            series("saige_eval_info", {**REJECTED}, "1x9 stale"),  # the PUT removed it
+            series("saige_eval_info", {**REJECTED, "verdict": "promoted", "candidate": "run-3"}, "_x10 1x10"),
+        ],
+        [
+            ("8m", "SaigeCandidateRejected", [alert(REJECTED)]),
+            ("20m", "SaigeCandidateRejected", []),
+        ],
+    ),
+    (
+        "rejected: another pipeline's rejection is not this release's",
+        "1m",
+        [
+            series("saige_eval_verdict", {**EVALUATE_JOB, "pipeline": "other", "verdict": "rejected"}, "1x20"),
+            series("saige_eval_info", {**REJECTED, "pipeline": "other"}, "1x20"),
+            *evaluation("promoted"),
+        ],
+        [("10m", "SaigeCandidateRejected", [])],
+    ),
+    (
+        "regressed: a principle's whole interval is below 0, a component's is not",
+        "1m",
+        [
+            *margin_delta("principle", "karuna", "-0.30x20", "-0.20x20", "-0.10x20"),
+            *margin_delta("component", "harshness", "-0.30x20", "-0.10x20", "0.05x20"),
+            *margin_delta("overall", "overall", "-0.20x20", "-0.10x20", "-0.01x20"),  # overall is not a group
+        ],
+        [
+            ("0m", "SaigePrincipleRegressed", []),  # pending (for: 5m)
+            (
+                "10m",
+                "SaigePrincipleRegressed",
+                [alert({**EVALUATE_JOB, "kind": "principle", "group": "karuna", "bound": "upper"})],
+            ),
+        ],
+    ),
+    (
+        "regressed: a harm component significantly worse",
+        "1m",
+        margin_delta("component", "deception", "-0.5x20", "-0.3x20", "-0.02x20"),
+        [
+            (
+                "10m",
+                "SaigePrincipleRegressed",
+                [alert({**EVALUATE_JOB, "kind": "component", "group": "deception", "bound": "upper"})],
+            )
+        ],
+    ),
+    (
+        "regressed: worse by noise only (the interval includes 0), or better",
+        "1m",
+        [
+            *margin_delta("principle", "sacca", "-0.20x20", "-0.05x20", "0.10x20"),
+            *margin_delta("principle", "panna", "0.05x20", "0.10x20", "0.20x20"),
+        ],
+        [("10m", "SaigePrincipleRegressed", [])],
+    ),
+    (
+        "regressed: a group smaller than regressionMinItems (5) does not count",
+        "1m",
+        margin_delta("principle", "upekkha", "-0.9x20", "-0.5x20", "-0.2x20", items="4x20"),
+        [("10m", "SaigePrincipleRegressed", [])],
+    ),
+    (
+        "regressed: another pipeline's regression is not this release's",
+        "1m",
+        [
+            {**s, "series": s["series"].replace('pipeline="saige"', 'pipeline="other"')}
+            for s in margin_delta("principle", "ahimsa", "-0.3x20", "-0.2x20", "-0.1x20")
+        ],
+        [("10m", "SaigePrincipleRegressed", [])],
+    ),
+]
+
 ALERTS = {
+    "SaigeCandidateRejected",
+    "SaigePrincipleRegressed",
     "SaigeRetrainingStale",
     "SaigePipelineFailed",
     "SaigeDatasetBelowMinimum",
@@ -251,8 +374,37 @@ def test_annotations_are_expanded(groups, tmp_path):
             series("saige_dataset_examples", {**EXTRACT_JOB, "split": "train"}, "40x20"),
             series("saige_dataset_examples", {**EXTRACT_JOB, "split": "eval"}, "5x20"),
             series("saige_dataset_min_examples", EXTRACT_JOB, "100x20"),
+            *evaluation("rejected"),
+            *margin_delta("principle", "karuna", "-0.30x20", "-0.20x20", "-0.125x20"),
         ],
         "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "SaigeCandidateRejected",
+                "exp_alerts": [
+                    {
+                        **alert(REJECTED),
+                        "exp_annotations": {
+                            "summary": "SAIGE pipeline saige: candidate run-2 was rejected; run-1 stays the champion",
+                            "description": _description(groups, "SaigeCandidateRejected"),
+                        },
+                    }
+                ],
+            },
+            {
+                "eval_time": "10m",
+                "alertname": "SaigePrincipleRegressed",
+                "exp_alerts": [
+                    {
+                        **alert({**EVALUATE_JOB, "kind": "principle", "group": "karuna", "bound": "upper"}),
+                        "exp_annotations": {
+                            "summary": "SAIGE pipeline saige: the last candidate is worse on the principle karuna "
+                            "(margin delta at most -0.125)",
+                            "description": _description(groups, "SaigePrincipleRegressed"),
+                        },
+                    }
+                ],
+            },
             {
                 "eval_time": "10m",
                 "alertname": "SaigePipelineFailed",

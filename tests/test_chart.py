@@ -276,7 +276,12 @@ def test_the_installed_spec_renders_its_jobs(rendered, scenario, tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     jobs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     spec = parse_spec(yaml.safe_load(path.read_text()))
-    steps = ["extract", "train", "evaluate", *(["export"] if spec.train.export else [])]
+    steps = [
+        "extract",
+        "train",
+        *(["evaluate"] if spec.evaluate.enabled else []),
+        *(["export"] if spec.train.export else []),
+    ]
     assert [job["metadata"]["labels"]["saige.io/step"] for job in jobs] == steps
     for job in jobs:
         assert job["metadata"]["namespace"] == NAMESPACE
@@ -677,6 +682,8 @@ def test_monitoring_objects(rendered):
         "SaigeKeptHarmRising",
         "SaigeSourceHarmRising",
         "SaigePipelineFailed",
+        "SaigeCandidateRejected",
+        "SaigePrincipleRegressed",
     }
 
 
