@@ -657,12 +657,13 @@ def evaluate(
     from saige_k8s import metrics
     from saige_k8s.errors import CandidateRejected
     from saige_k8s.spec import PipelineSpec, load_spec
-    from saige_k8s.training.evaluate import evaluate_run, summary
+    from saige_k8s.training.evaluate import champion_since, evaluate_run, summary
 
     spec = load_spec(spec_path) if spec_path else PipelineSpec()
     settings = spec.evaluate.model_copy(update={"suite": [*spec.evaluate.suite, *map(str, suites)]})
-    result = evaluate_run(run_dir, resolve_data_root(data_root, spec), spec.name, settings)
-    registry = metrics.evaluation_registry(result)
+    root = resolve_data_root(data_root, spec)
+    result = evaluate_run(run_dir, root, spec.name, settings)
+    registry = metrics.evaluation_registry(result, champion_since=champion_since(root, spec.name))
     metrics.write_textfile(registry, run_dir, "eval.prom")
     metrics.push(registry, pushgateway, metrics.EVALUATE_JOB, spec.name)
     line = summary(result)

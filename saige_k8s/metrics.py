@@ -261,9 +261,10 @@ def push_pipeline_result(pipeline: str, gateway: str | None, succeeded: bool, st
 class EvaluationCollector(Collector):
     """The evaluate step's series, from its ``eval.json``: per group, both models' figures."""
 
-    def __init__(self, result: dict[str, Any], finished_at: float) -> None:
+    def __init__(self, result: dict[str, Any], finished_at: float, champion_since: float | None) -> None:
         self.result = result
         self.finished_at = finished_at
+        self.champion_since = champion_since
 
     def collect(self) -> Iterator[Metric]:
         r = self.result
@@ -312,20 +313,27 @@ class EvaluationCollector(Collector):
         for name in ("promoted", "rejected"):
             verdict.add_metric([name], 1.0 if r["verdict"] == name else 0.0)
         yield verdict
+        regressed = set(r["figures"].get("regressed") or []) - {"overall"}
         yield GaugeMetricFamily(
             "saige_eval_regressions",
             "Principles and harm components the gate found regressed in the last candidate.",
-            value=float(len(r["figures"].get("regressed") or [])),
+            value=float(len(regressed)),
         )
+        flags = GaugeMetricFamily(
+            "saige_eval_regressed", "1 where the gate found the group regressed, else 0.", labels=["kind", "group"]
+        )
+        for kind, name, _ in groups[1:]:
+            flags.add_metric([kind, name], 1.0 if name in regressed else 0.0)
+        yield flags
         yield GaugeMetricFamily("saige_eval_duration_seconds", "Wall time of the scoring.", value=r["duration_seconds"])
         yield GaugeMetricFamily(
             "saige_eval_last_timestamp_seconds", "When a candidate was last evaluated.", value=self.finished_at
         )
-        if r["verdict"] == "promoted":
+        if self.champion_since is not None:
             yield GaugeMetricFamily(
                 "saige_champion_promoted_timestamp_seconds",
-                "When the current champion was promoted (its age: time() minus this).",
-                value=self.finished_at,
+                "When the current champion became the champion (its age: time() minus this).",
+                value=self.champion_since,
             )
         info = GaugeMetricFamily(
             "saige_eval_info", "The last evaluated candidate (value 1).", labels=["candidate", "baseline", "verdict"]
@@ -334,9 +342,13 @@ class EvaluationCollector(Collector):
         yield info
 
 
-def evaluation_registry(result: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:
+def evaluation_registry(
+    result: dict[str, Any], finished_at: float | None = None, champion_since: float | None = None
+) -> CollectorRegistry:
+    """The evaluate step's series; ``champion_since`` (epoch seconds) is pushed on every evaluation,
+    so the champion's age survives a rejected candidate's push, which replaces the group."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EvaluationCollector(result, time.time() if finished_at is None else finished_at))
+    registry.register(EvaluationCollector(result, time.time() if finished_at is None else finished_at, champion_since))
     return registry
 
 
@@ -390,7 +402,7 @@ def exported_metric_names() -> set[str]:
         extraction_registry(_SAMPLE_MANIFEST, finished_at=0.0, min_examples=1),
         training_registry(_SAMPLE_TRAINING, finished_at=0.0),
         pipeline_registry(succeeded=True, started=0.0, finished=1.0),
-        evaluation_registry(_SAMPLE_EVALUATION, finished_at=0.0),
+        evaluation_registry(_SAMPLE_EVALUATION, finished_at=0.0, champion_since=0.0),
     ):
         for family in registry.collect():
             names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))

@@ -10,6 +10,7 @@ base alone is the baseline of a first run).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -231,6 +232,23 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
     else:
         store.reject(candidate, **record)
     return result
+
+
+def champion_since(data_root: Path, pipeline: str) -> float | None:
+    """When the current champion became it (epoch seconds), from the history's last line that made it so."""
+    store = ChampionStore(data_root, pipeline)
+    champion = store.champion()
+    made = [
+        e
+        for e in store.history()
+        if e.get("run_id") == champion and e.get("verdict") in ("promoted", "promote", "rollback")
+    ]
+    if not made:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(made[-1]["time"]).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
