@@ -31,7 +31,7 @@ from saige_k8s.errors import CandidateRejected, ConfigError, InputError
 from saige_k8s.evaluation.gate import GateSpec
 from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.filters import PRESETS, Filters, PresetName, refuse_bool
-from saige_k8s.yamlfile import read_yaml
+from saige_k8s.yamlfile import message, read_yaml, validate_document
 
 
 class _Strict(BaseModel):
@@ -102,7 +102,7 @@ class _FilterSpecBase(_Strict):
             # The spec's own values were checked on load: what fails here came from a flag.
             first = exc.errors()[0]
             flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "filters"
-            raise ConfigError(f"{flag}: {_message(first)}") from None
+            raise ConfigError(f"{flag}: {message(first)}") from None
 
 
 def _optional(annotation: Any, constraints: list[Any]) -> Any:
@@ -620,7 +620,7 @@ def override_train(train: TrainSpec, flags: dict[str, Any]) -> TrainSpec:
     except ValidationError as exc:
         first = exc.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "train"
-        raise ConfigError(f"{flag}: {_message(first)}") from None
+        raise ConfigError(f"{flag}: {message(first)}") from None
 
 
 def load_spec(path: Path | str) -> PipelineSpec:
@@ -630,30 +630,7 @@ def load_spec(path: Path | str) -> PipelineSpec:
 
 
 def parse_spec(data: Any, origin: str = "spec") -> PipelineSpec:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return PipelineSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
-
-
-def _describe(exc: ValidationError, origin: str) -> str:
-    """The first problem as ``origin: dotted.path: message`` (and how many more there are)."""
-    errors = exc.errors()
-    first = errors[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{origin}: {where}: {_message(first)}{more}"
-
-
-def _message(error: Any) -> str:
-    if error["type"] == "extra_forbidden":
-        return "unknown key"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if "input" in error and not isinstance(error["input"], dict | list):
-        message += f" (got {error['input']!r})"
-    return message
+    return validate_document(PipelineSpec, data, origin)
 
 
 __all__ = [

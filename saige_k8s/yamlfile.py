@@ -6,11 +6,14 @@ It lives below ``spec`` and ``dataset`` so both can use it without importing eac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from saige_k8s.errors import ConfigError
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -59,3 +62,36 @@ def read_yaml(path: Path, what: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     return parse_yaml(text, str(path))
+
+
+def validate_document(model: type[_M], data: Any, origin: str) -> _M:
+    """A loaded document as ``model``; its first problem as one line naming the file and the place."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, origin)) from None
+
+
+def describe(exc: ValidationError, origin: str) -> str:
+    """The first problem as ``origin: scenarios[3].good: message`` (and how many more there are)."""
+    errors = exc.errors()
+    first = errors[0]
+    # A list-wide check (a duplicate id) says in its ctx which item and field it is about.
+    loc = (*first["loc"], *first.get("ctx", {}).get("loc", ()))
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{origin}: {where or '(top level)'}: {message(first)}{more}"
+
+
+def message(error: Any) -> str:
+    """One pydantic error in the project's words."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    text = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], dict | list | BaseModel):
+        text += f" (got {error['input']!r})"
+    return text

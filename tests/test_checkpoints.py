@@ -41,28 +41,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(root: Path, run: Path, *extra: str):
-    return run_cli(
-        "train",
-        "--dataset",
-        str(root / "data" / "datasets" / "m"),
-        "--model",
-        str(root / "model"),
-        "--output-dir",
-        str(run),
-        "--batch-size",
-        "8",
-        "--max-seq-len",
-        "256",
-        "--learning-rate",
-        "3e-3",
-        "--logging-steps",
-        "2",
-        "--save-steps",
-        "4",
-        "--max-steps",
-        "8",
-        *extra,
-    )
+    dataset, model = root / "data" / "datasets" / "m", root / "model"
+    flags = "--batch-size 8 --max-seq-len 256 --learning-rate 3e-3 --logging-steps 2 --save-steps 4 --max-steps 8"
+    return run_cli("train", "--dataset", dataset, "--model", model, "--output-dir", run, *flags.split(), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +174,16 @@ def test_no_usable_checkpoint_trains_from_scratch(root: Path, finished: Path, tm
     assert _same_adapter(run, finished)  # same seed, same run
 
 
+def _fails_half_written(name: str):
+    """A save_pretrained that writes part of ``name`` and then finds the disk full."""
+
+    def half_written(self, directory, *args, **kwargs) -> None:
+        (Path(directory) / name).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    return half_written
+
+
 def test_a_failed_adapter_write_leaves_the_previous_adapter_and_metrics(
     root: Path, finished: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -202,11 +193,7 @@ def test_a_failed_adapter_write_leaves_the_previous_adapter_and_metrics(
     before = _snapshot(run / "adapter")
     metrics = (run / "metrics.json").read_bytes()
 
-    def half_written(self, directory, *args, **kwargs) -> None:
-        (Path(directory) / "adapter_model.safetensors").write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(PeftModel, "save_pretrained", half_written)
+    monkeypatch.setattr(PeftModel, "save_pretrained", _fails_half_written("adapter_model.safetensors"))
     result = _train(root, run)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert _snapshot(run / "adapter") == before
@@ -225,11 +212,7 @@ def test_a_failed_export_leaves_the_previous_merged_model_and_modelfile(
     before = _snapshot(run / "merged")
     modelfile = (run / "Modelfile").read_bytes()
 
-    def half_written(self, directory, *args, **kwargs) -> None:
-        (Path(directory) / "model.safetensors").write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_written)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", _fails_half_written("model.safetensors"))
     result = run_cli("export", str(run))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert _snapshot(run / "merged") == before

@@ -138,13 +138,7 @@ def test_dataset_matches_oracle(demo_db: str, tmp_path: Path, fmt: str) -> None:
     assert counts["duplicates"] == verdicts["duplicates"] > 0
     assert counts["kept"] == verdicts["kept"] == len(rows)
     # The manifest adds up: every scanned row is kept or removed for exactly one reason.
-    assert counts["scanned"] == (
-        counts["kept"]
-        + sum(manifest["invalid"].values())
-        + sum(manifest["removed"].values())
-        + counts["duplicates"]
-        + counts["beyond_limit"]
-    )
+    assert counts["scanned"] == accounted_rows(manifest)
     assert counts["scanned"] == sum(verdicts.values())
     assert manifest["funnel"][-1]["remaining"] == counts["kept"]
     stats = manifest["stats"]
@@ -244,3 +238,10 @@ def test_human_report_has_the_seed_statistics(demo_sqlite: str, tmp_path: Path) 
     assert "% excellent" in out and "% good" in out
     assert "max_harm" in out and "duplicates" in out
     assert (tmp_path / "datasets" / "LATEST").read_text().strip() in out
+
+
+def accounted_rows(manifest: dict) -> int:
+    """Kept + every invalid reason + every filter's removals + duplicates + beyond the limit."""
+    counts = manifest["counts"]
+    removed = sum(manifest["invalid"].values()) + sum(manifest["removed"].values())
+    return counts["kept"] + removed + counts["duplicates"] + counts["beyond_limit"]

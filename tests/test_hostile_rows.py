@@ -28,8 +28,9 @@ from saige_k8s.errors import NoExamplesError
 from saige_k8s.experiences import source
 from saige_k8s.experiences.demo import DemoOptions, create_database
 from saige_k8s.experiences.filters import INVALID_REASONS
-from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
+from saige_k8s.experiences.schema import COLUMNS, HARM_COMPONENTS, PRINCIPLES
 from tests.conftest import run_cli
+from tests.test_extract import accounted_rows
 
 SCORES = {"ahimsa": 8, "sacca": 8, "karuna": 8, "panna": 8, "upekkha": 8}
 DEEP = "[" * 2000
@@ -37,13 +38,7 @@ DEEP = "[" * 2000
 
 def _identity(manifest: dict) -> None:
     counts = manifest["counts"]
-    assert counts["scanned"] == (
-        counts["kept"]
-        + sum(manifest["invalid"].values())
-        + sum(manifest["removed"].values())
-        + counts["duplicates"]
-        + counts["beyond_limit"]
-    )
+    assert counts["scanned"] == accounted_rows(manifest)
     assert counts["invalid_total"] == sum(manifest["invalid"].values())
     assert counts["kept"] == counts["train"] + counts["eval"]
 
@@ -339,19 +334,7 @@ def test_postgres_bytea_columns(demo_postgres: str, tmp_path: Path) -> None:
 
 # --- Property: random rows in every column ------------------------------------------------
 
-_COLUMNS = (
-    "created_at",
-    "user_message",
-    "context",
-    "response",
-    "model",
-    "difficulty",
-    *HARM_COMPONENTS,
-    "actual_harm",
-    "buddhist_scores",
-    "buddhist_weighted_score",
-    "buddhist_alignment",
-)
+_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _BASE = {
     "created_at": "2026-03-01 10:00:00",
     "user_message": "How do I deal with stress?",

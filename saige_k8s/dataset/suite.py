@@ -13,16 +13,16 @@ from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from saige_k8s.dataset.formats import ChatFormat, render
 from saige_k8s.errors import ConfigError
 from saige_k8s.experiences.filters import NotBool
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
-from saige_k8s.yamlfile import parse_yaml, read_yaml
+from saige_k8s.yamlfile import parse_yaml, read_yaml, validate_document
 
 TARGETS: Final = (*PRINCIPLES, *HARM_COMPONENTS)
 #: Fewer than this many scenarios make a per-target comparison a coin toss.
@@ -121,42 +121,11 @@ def load_suite(extra: Sequence[Path] = ()) -> Suite:
     scenarios: list[Scenario] = []
     origin_of: dict[str, str] = {}
     for origin, data in documents:
-        part = _validate(_SuiteFile, data, origin)
+        part = validate_document(_SuiteFile, data, origin)
         for index, scenario in enumerate(part.scenarios):
             if scenario.id in origin_of:
                 where = f"{origin}: scenarios[{index}].id"
                 raise ConfigError(f"{where}: duplicate id {scenario.id!r} (already in {origin_of[scenario.id]})")
             origin_of[scenario.id] = origin
         scenarios.extend(part.scenarios)
-    return _validate(Suite, {"version": 1, "scenarios": scenarios}, SHIPPED_ORIGIN)
-
-
-def _validate(model: type[_M], data: Any, origin: str) -> _M:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
-
-
-def _describe(exc: ValidationError, origin: str) -> str:
-    """The first problem as ``origin: scenarios[3].good: message``: the spec's phrasing, with list indexes."""
-    errors = exc.errors()
-    first = errors[0]
-    # A list-wide check (a duplicate id) says in its ctx which item and field it is about.
-    loc = (*first["loc"], *first.get("ctx", {}).get("loc", ()))
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{origin}: {where or '(top level)'}: {_message(first)}{more}"
-
-
-def _message(error: Any) -> str:
-    if error["type"] == "extra_forbidden":
-        return "unknown key"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if "input" in error and not isinstance(error["input"], dict | list | BaseModel):
-        message += f" (got {error['input']!r})"
-    return message
+    return validate_document(Suite, {"version": 1, "scenarios": scenarios}, SHIPPED_ORIGIN)

@@ -83,27 +83,9 @@ class ChampionStore:
             self._append(line)
         return full
 
-    def reject(
-        self,
-        run_id: str,
-        *,
-        dataset_id: str | None = None,
-        base_model: str | None = None,
-        reasons: Sequence[str] = (),
-        figures: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Record that the gate kept the champion; CHAMPION is left alone."""
-        return self.record(
-            {
-                "run_id": run_id,
-                "dataset_id": dataset_id,
-                "base_model": base_model,
-                "verdict": "rejected",
-                "reasons": list(reasons),
-                "figures": dict(figures or {}),
-                "by": "evaluate",
-            }
-        )
+    def reject(self, run_id: str, **lineage: Any) -> dict[str, Any]:
+        """Record that the gate kept the champion; CHAMPION is left alone (``lineage``: as for ``promote``)."""
+        return self.record(_verdict(run_id, "rejected", "evaluate", **lineage))
 
     def promote(
         self,
@@ -118,15 +100,10 @@ class ChampionStore:
         """Make ``run_id`` the champion, then record it (``promoted`` by the gate, ``promote`` by a person)."""
         _check_run_id(run_id)
         _check_by(by)
-        entry = {
-            "run_id": run_id,
-            "dataset_id": dataset_id,
-            "base_model": base_model,
-            "verdict": "promoted" if by == "evaluate" else "promote",
-            "reasons": list(reasons),
-            "figures": dict(figures or {}),
-            "by": by,
-        }
+        verdict = "promoted" if by == "evaluate" else "promote"
+        entry = _verdict(
+            run_id, verdict, by, dataset_id=dataset_id, base_model=base_model, reasons=reasons, figures=figures
+        )
         with self._exclusive_lock():
             full, line = _encode(entry)  # a bad entry is refused before CHAMPION changes
             self._swap(run_id)
@@ -242,6 +219,27 @@ class ChampionStore:
             yield
         finally:
             os.close(fd)
+
+
+def _verdict(
+    run_id: str,
+    verdict: str,
+    by: str,
+    *,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    reasons: Sequence[str] = (),
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "dataset_id": dataset_id,
+        "base_model": base_model,
+        "verdict": verdict,
+        "reasons": list(reasons),
+        "figures": dict(figures or {}),
+        "by": by,
+    }
 
 
 def previous_champion(history: Sequence[Mapping[str, Any]], current: str) -> str | None:
