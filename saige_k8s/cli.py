@@ -7,6 +7,7 @@ retry); 2 bad usage, configuration or input (retrying will not help); 130 interr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,13 +17,14 @@ from typing import Any, NoReturn
 
 import click
 
-from saige_k8s import __version__
+from saige_k8s import __version__, lifecycle
 from saige_k8s.errors import InputError, SaigeError
-from saige_k8s.experiences.filters import PRESETS
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
-from saige_k8s.lifecycle import install_sigterm_handler
 
 DATA_ROOT_ENV = "SAIGE_DATA_ROOT"
+#: experiences.filters.PRESETS's names (a test keeps them equal): importing it here would load
+#: pydantic before the entry point has installed its signal handlers.
+PRESET_NAMES = ("permissive", "default", "strict", "elite")
 log = logging.getLogger("saige_k8s")
 
 
@@ -36,6 +38,11 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:  # a full or read-only volume, wherever it is noticed
+            if os.environ.get("SAIGE_DEBUG"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"I/O error: {exc.strerror or exc}{where}", 1)
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(f"{exc.format_message()}{where}", exc.exit_code)
@@ -48,6 +55,11 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    lifecycle.settle()
+    stopped = lifecycle.exit_code()
+    if stopped is not None and not lifecycle.committed():  # a failure after a signal is the signal's doing
+        message = message if message.startswith(lifecycle.reason()) else f"{lifecycle.reason()}; partial output removed"
+        code = stopped
     click.echo(f"saige-k8s: error: {message}", err=True)
     sys.exit(code)
 
@@ -66,7 +78,6 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_sigterm_handler()
 
 
 @cli.command("demo-db")
@@ -130,7 +141,7 @@ def _threshold_options(func):  # noqa: ANN001 - a click decorator
 @click.option("--table", help="Experiences table [default: experiences].")
 @click.option(
     "--preset",
-    type=click.Choice(list(PRESETS)),
+    type=click.Choice(PRESET_NAMES),
     help="Filter thresholds: permissive 0.4/5.0/moderate, default 0.3/6.0/good, strict 0.25/6.5/good, "
     "elite 0.2/7.5/excellent.",
 )
@@ -230,11 +241,14 @@ def extract(
         result = existing
         log.info("dataset %s already published; reporting it", dataset_id)
     else:
-        result = run_extract(request)
         from saige_k8s import metrics
 
+        def textfile(manifest: dict[str, Any], directory: Path) -> None:  # before the dataset is published
+            registry = metrics.extraction_registry(manifest, min_examples=spec.extract.min_examples)
+            metrics.write_textfile(registry, directory)
+
+        result = run_extract(dataclasses.replace(request, before_publish=textfile))
         registry = metrics.extraction_registry(result.manifest, min_examples=spec.extract.min_examples)
-        metrics.write_textfile(registry, result.path)
         metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
     if summary_file is not None:
         _write_summary(summary_file, result.summary)
@@ -251,48 +265,54 @@ def _write_summary(path: Path, summary: dict[str, Any]) -> None:
         raise InputError(f"cannot write the summary to {path}: {exc.strerror}") from None
 
 
+class _TrainDefaultOption(click.Option):
+    """Fills ``{field}`` in its help with TrainSpec's default only when help is shown: importing
+    the spec (pydantic) when the module loads would delay the signal handlers."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        if self.help and "{" in self.help:
+            from saige_k8s.spec import TrainSpec
+
+            self.help = self.help.format_map(TrainSpec().model_dump())
+        return super().get_help_record(ctx)
+
+
 def _train_options(func):  # noqa: ANN001 - a click decorator
     """The train flags; each overrides the spec's ``train:`` key of the same name."""
-    from saige_k8s.spec import TrainSpec
-
-    default = TrainSpec()
     flags = [
         (
             "--model",
-            {
-                "help": "Hugging Face model name, local directory, .gguf file, or package://PKG/FILE "
-                f"[default: {default.model}]."
-            },
+            {"help": "Hugging Face model name, local directory, .gguf file, or package://PKG/FILE [default: {model}]."},
         ),
-        ("--epochs", {"type": float, "help": f"[default: {default.epochs}]"}),
-        ("--batch-size", {"type": int, "help": f"Per process [default: {default.batch_size}]."}),
-        ("--gradient-accumulation", {"type": int, "help": f"[default: {default.gradient_accumulation}]"}),
-        ("--learning-rate", {"type": float, "help": f"[default: {default.learning_rate}]"}),
+        ("--epochs", {"type": float, "help": "[default: {epochs}]"}),
+        ("--batch-size", {"type": int, "help": "Per process [default: {batch_size}]."}),
+        ("--gradient-accumulation", {"type": int, "help": "[default: {gradient_accumulation}]"}),
+        ("--learning-rate", {"type": float, "help": "[default: {learning_rate}]"}),
         (
             "--lr-scheduler",
             {
                 "type": click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
-                "help": f"[default: {default.lr_scheduler}]",
+                "help": "[default: {lr_scheduler}]",
             },
         ),
-        ("--warmup-ratio", {"type": float, "help": f"[default: {default.warmup_ratio}]"}),
-        ("--weight-decay", {"type": float, "help": f"[default: {default.weight_decay}]"}),
+        ("--warmup-ratio", {"type": float, "help": "[default: {warmup_ratio}]"}),
+        ("--weight-decay", {"type": float, "help": "[default: {weight_decay}]"}),
         (
             "--max-grad-norm",
-            {"type": float, "help": f"Clip gradients to this norm; 0: off [default: {default.max_grad_norm}]."},
+            {"type": float, "help": "Clip gradients to this norm; 0: off [default: {max_grad_norm}]."},
         ),
         (
             "--max-seq-len",
             {
                 "type": int,
-                "help": f"Longer examples are cut (the end-of-turn token is kept) [default: {default.max_seq_len}].",
+                "help": "Longer examples are cut (the end-of-turn token is kept) [default: {max_seq_len}].",
             },
         ),
         ("--max-steps", {"type": int, "help": "Stop after this many optimizer steps."}),
         ("--max-eval-examples", {"type": int, "help": "Evaluate on at most this many eval examples."}),
-        ("--lora-rank", {"type": int, "help": f"[default: {default.lora_rank}]"}),
+        ("--lora-rank", {"type": int, "help": "[default: {lora_rank}]"}),
         ("--lora-alpha", {"type": int, "help": "[default: 2 × rank]"}),
-        ("--lora-dropout", {"type": float, "help": f"[default: {default.lora_dropout}]"}),
+        ("--lora-dropout", {"type": float, "help": "[default: {lora_dropout}]"}),
         ("--target-modules", {"help": "Comma-separated module names, or all-linear [default: per architecture]."}),
         (
             "--precision",
@@ -301,15 +321,15 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
                 "help": "auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on a CPU.",
             },
         ),
-        ("--seed", {"type": int, "help": f"[default: {default.seed}]"}),
+        ("--seed", {"type": int, "help": "[default: {seed}]"}),
         (
             "--save-steps",
             {
                 "type": int,
-                "help": f"Checkpoint every N optimizer steps and on SIGTERM [default: {default.save_steps}].",
+                "help": "Checkpoint every N optimizer steps and on SIGTERM [default: {save_steps}].",
             },
         ),
-        ("--logging-steps", {"type": int, "help": f"[default: {default.logging_steps}]"}),
+        ("--logging-steps", {"type": int, "help": "[default: {logging_steps}]"}),
     ]
     switches = [
         ("--use-4bit", "QLoRA: load the base model in 4-bit NF4 (bitsandbytes)."),
@@ -320,7 +340,7 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
     for name, help_text in reversed(switches):
         func = click.option(name, is_flag=True, default=None, help=help_text)(func)
     for name, kwargs in reversed(flags):
-        func = click.option(name, **kwargs)(func)
+        func = click.option(name, cls=_TrainDefaultOption, **kwargs)(func)
     return func
 
 
@@ -662,4 +682,11 @@ def _eval_fraction(value: float) -> float:
 
 
 def main() -> None:
-    cli(prog_name="saige-k8s")
+    lifecycle.install()
+    try:
+        cli(prog_name="saige-k8s")
+    except SystemExit as exc:
+        lifecycle.exit_process(exc.code)
+    except SaigeError as exc:  # a signal while click parses the command line
+        lifecycle.stopped(str(exc), exc.exit_code)
+    lifecycle.exit_process(0)

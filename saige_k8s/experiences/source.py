@@ -18,6 +18,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
+from saige_k8s import lifecycle
 from saige_k8s.errors import ConfigError, InputError, RuntimeFailure
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import Judgement, judge
@@ -25,6 +26,9 @@ from saige_k8s.experiences.schema import COLUMNS, REQUIRED_COLUMNS
 
 DB_URL_ENV = "SAIGE_DB_URL"
 _BATCH_ROWS = 16_384
+#: libpq's ``connect_timeout`` when the URL sets none (its own default is to wait forever); a
+#: ``statement_timeout`` goes into the URL too: ``?options=-c%20statement_timeout%3D600s``.
+CONNECT_TIMEOUT_S = 10
 
 
 def resolve_url(db: str | None) -> URL:
@@ -59,6 +63,31 @@ def scrub(message: str, url: URL) -> str:
     return re.sub(r"://([^:/@\s]+):[^@\s]+@", r"://\1:***@", first)
 
 
+def with_timeouts(url: URL) -> URL:
+    """The URL to connect with: a PostgreSQL connect gives up after CONNECT_TIMEOUT_S."""
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        return url.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    return url
+
+
+def _failed(message: str) -> RuntimeFailure:
+    """A driver error after SIGTERM/SIGINT is the cancel's doing: report the stop instead."""
+    lifecycle.check_stop()
+    return RuntimeFailure(message)
+
+
+@contextmanager
+def _cancellable(conn: sa.Connection) -> Iterator[None]:
+    """A stop cancels the statement running on ``conn`` (psycopg's cancel, sqlite3's interrupt)."""
+    driver = conn.connection.driver_connection
+    cancel = next((getattr(driver, n) for n in ("cancel_safe", "cancel", "interrupt") if hasattr(driver, n)), None)
+    if cancel is None:
+        yield
+        return
+    with lifecycle.cancel_on_stop(cancel):
+        yield
+
+
 @dataclass(frozen=True)
 class SourceTable:
     """A reflected experiences table and the physical column behind each logical one."""
@@ -85,9 +114,9 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ConfigError(f"source.columns: unknown key(s) {unknown}; valid keys are {list(COLUMNS)}")
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(with_timeouts(url), poolclass=sa.pool.NullPool)
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _cancellable(conn):
             inspector = sa.inspect(conn)
             if not inspector.has_table(table, schema=schema):
                 found = sorted(inspector.get_table_names(schema=schema))
@@ -97,9 +126,9 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
                 )
             reflected = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=conn)
     except sa.exc.OperationalError as exc:
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+        raise _failed(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
     except sa.exc.SQLAlchemyError as exc:
-        raise RuntimeFailure(f"cannot read {redact(url)}: {scrub(str(exc), url)}") from None
+        raise _failed(f"cannot read {redact(url)}: {scrub(str(exc), url)}") from None
     finally:
         engine.dispose()
     present = {c.name for c in reflected.columns}
@@ -128,7 +157,7 @@ def _adbc_connect(url: URL):
         return driver.connect(url.database or ":memory:")
     import adbc_driver_postgresql.dbapi as driver
 
-    return driver.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    return driver.connect(with_timeouts(url).set(drivername="postgresql").render_as_string(hide_password=False))
 
 
 def _compile(statement: sa.Select, url: URL) -> tuple[str, list]:
@@ -180,19 +209,20 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
     try:
         conn = _adbc_connect(url)
     except Exception as exc:  # noqa: BLE001 - ADBC drivers raise their own DB-API error classes
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc), url)}") from None
+        raise _failed(f"cannot connect to {redact(url)}: {scrub(str(exc), url)}") from None
     try:
         cursor = conn.cursor()
         if url.get_backend_name() == "sqlite":
             cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
-        try:
-            if url.get_backend_name() == "postgresql" and params:
-                sql, params = _session_parameters(cursor, sql, params)
-            cursor.execute(sql, params or None)
-            reader = cursor.fetch_record_batch()
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
-        yield _guarded(reader, url)
+        with lifecycle.cancel_on_stop(cursor.adbc_cancel):
+            try:
+                if url.get_backend_name() == "postgresql" and params:
+                    sql, params = _session_parameters(cursor, sql, params)
+                cursor.execute(sql, params or None)
+                reader = cursor.fetch_record_batch()
+            except Exception as exc:  # noqa: BLE001
+                raise _failed(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+            yield _guarded(reader, url)
     finally:
         conn.close()
 
@@ -206,19 +236,19 @@ def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordB
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeFailure(f"reading from {redact(url)} failed: {scrub(str(exc), url)}") from None
+            raise _failed(f"reading from {redact(url)} failed: {scrub(str(exc), url)}") from None
         yield batch
 
 
 @contextmanager
 def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordBatch]]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(with_timeouts(url), poolclass=sa.pool.NullPool)
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _cancellable(conn):
             try:
                 result = conn.execution_options(stream_results=True, yield_per=_BATCH_ROWS).execute(statement)
             except sa.exc.SQLAlchemyError as exc:
-                raise RuntimeFailure(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
+                raise _failed(f"query failed on {redact(url)}: {scrub(str(exc), url)}") from None
             names = list(result.keys())
             yield _guarded(
                 (
@@ -228,6 +258,6 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
                 url,
             )
     except sa.exc.OperationalError as exc:
-        raise RuntimeFailure(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
+        raise _failed(f"cannot connect to {redact(url)}: {scrub(str(exc.orig), url)}") from None
     finally:
         engine.dispose()
