@@ -4,23 +4,20 @@ Files go into a hidden temporary directory beside the datasets; the manifest is 
 last; one rename publishes the directory; ``LATEST`` is replaced atomically after that. A
 run killed at any point leaves the previous dataset and ``LATEST`` as they were.
 
-A run holds an flock on ``.lock`` in its temporary directory while it lives; the sweep of
-leftovers removes only temporaries whose lock it can take, so a slow or paused run keeps
-its directory however old it is.
+A run holds an flock on ``.lock`` in its temporary directory while it lives (see
+saige_k8s.temporaries): the sweep of leftovers never takes a live run's directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +31,7 @@ import pyarrow.parquet as pq
 
 from saige_k8s import lifecycle
 from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.temporaries import LOCK, hold_lock, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +39,7 @@ DATASETS = "datasets"
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-LOCK = ".lock"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: Temporaries without a lock (``.tmp-LATEST-PID``, or made by a version that did not lock)
-#: older than this are leftovers of killed runs.
-STALE_AFTER_S = 6 * 3600
-#: A temporary file this new may still be waiting for its owner's lock.
-FRESH_S = 60
-#: SQLite's companions of a temporary database file.
-SIDE_FILES = ("-journal", "-wal", "-shm")
 _MAX_PENDING = 2
 CSV_COLUMNS = ("id", "text", "format", "actual_harm", "buddhist_weighted_score", "buddhist_alignment", "difficulty")
 
@@ -110,7 +100,7 @@ class DatasetWriter:
         self._forced_exit.enter_context(lifecycle.remove_on_forced_exit(self._remove_temporaries))
         try:
             self.datasets.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.datasets)
+            remove_stale_temporaries(self.datasets, f"{TMP_PREFIX}*")
             self.tmp.mkdir()
             self._lock = hold_lock(self.tmp / LOCK)
         except OSError as exc:
@@ -242,52 +232,6 @@ class DatasetWriter:
 
 def _csv_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([schema.field(name) for name in CSV_COLUMNS])
-
-
-def hold_lock(path: Path) -> int:
-    """An flock on ``path`` (created if missing) for as long as this process lives or closes it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _owner_gone(lock: Path) -> bool | None:
-    """True: nobody holds ``lock``'s flock (its run ended); None: there is no lock file."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
-def remove_stale_temporaries(directory: Path, pattern: str = f"{TMP_PREFIX}*") -> None:
-    """Remove leftovers of runs that ended: locked temporaries whose lock is free, unlocked ones
-    older than STALE_AFTER_S. A temporary a live run holds is never touched."""
-    cutoff = time.time() - STALE_AFTER_S
-    for entry in directory.glob(pattern):
-        try:
-            if entry.is_dir():
-                gone = _owner_gone(entry / LOCK)
-                if gone is None:  # a run between its mkdir and its lock, or an old version's
-                    gone = entry.stat().st_mtime < cutoff
-            else:  # a file is locked just after it is created: leave a new one be
-                gone = entry.stat().st_mtime < time.time() - FRESH_S and _owner_gone(entry) is not False
-            if gone:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                for sibling in SIDE_FILES:
-                    Path(f"{entry}{sibling}").unlink(missing_ok=True)
-        except OSError:
-            continue
 
 
 def _write_synced(path: Path, text: str) -> None:
