@@ -18,8 +18,8 @@ LOCK = ".lock"
 #: Temporaries without a lock (``.tmp-LATEST-PID``, or made by a version that did not lock)
 #: older than this are leftovers of killed runs.
 STALE_AFTER_S = 6 * 3600
-#: A temporary file this new may still be waiting for its owner's lock.
-FRESH_S = 60
+#: An empty temporary file this new may still be waiting for its owner's lock.
+FRESH_S = 2
 #: SQLite's companions of a temporary database file.
 SIDE_FILES = ("-journal", "-wal", "-shm")
 
@@ -60,8 +60,9 @@ def remove_stale_temporaries(directory: Path, pattern: str) -> None:
                 gone = _owner_gone(entry / LOCK)
                 if gone is None:  # a run between its mkdir and its lock, or an old version's
                     gone = entry.stat().st_mtime < cutoff
-            else:  # a file is locked just after it is created: leave a new one be
-                gone = entry.stat().st_mtime < time.time() - FRESH_S and _owner_gone(entry) is not False
+            else:  # an owner locks its file before it writes: a new empty one may be waiting for that
+                info = entry.stat()
+                gone = _owner_gone(entry) is True and (info.st_size > 0 or info.st_mtime < time.time() - FRESH_S)
             if gone:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 for sibling in SIDE_FILES:

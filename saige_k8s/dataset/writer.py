@@ -119,8 +119,8 @@ class DatasetWriter:
             self._csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
             try:
                 remove_stale_temporaries(csv_path.parent, f".{csv_path.name}.*.tmp")
-                self._csv = pcsv.CSVWriter(self._csv_tmp, schema=_csv_schema(schema))
                 self._csv_lock = hold_lock(self._csv_tmp)
+                self._csv = pcsv.CSVWriter(self._csv_tmp, schema=_csv_schema(schema))
             except (OSError, pa.ArrowException) as exc:
                 self.abort()
                 raise InputError(f"CSV output not writable: {csv_path} ({exc})") from None
