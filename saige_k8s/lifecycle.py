@@ -63,6 +63,10 @@ def install() -> None:
         signal.signal(signum, _handle)
 
 
+def installed() -> bool:
+    return _installed
+
+
 def install_sigterm_handler() -> None:
     """The name earlier callers use."""
     install()

@@ -18,17 +18,25 @@ LOCK = ".lock"
 #: Temporaries without a lock (``.tmp-LATEST-PID``, or made by a version that did not lock)
 #: older than this are leftovers of killed runs.
 STALE_AFTER_S = 6 * 3600
-#: An empty temporary file this new may still be waiting for its owner's lock.
-FRESH_S = 2
 #: SQLite's companions of a temporary database file.
 SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 def hold_lock(path: Path) -> int:
-    """An flock on ``path`` (created if missing) for as long as this process lives or closes it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """An flock on ``path`` for as long as this process lives or closes the descriptor.
+
+    A new file is created and locked under another name, then renamed: under its own name it
+    is never seen unlocked, so an unlocked one is always a leftover.
+    """
+    if path.exists():
+        fd = os.open(path, os.O_RDWR)
+    else:
+        staging = path.with_name(f".{path.name}.{os.getpid()}.locking")
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not path.exists():
+            os.rename(staging, path)
     except OSError:
         os.close(fd)
         raise
@@ -60,9 +68,8 @@ def remove_stale_temporaries(directory: Path, pattern: str) -> None:
                 gone = _owner_gone(entry / LOCK)
                 if gone is None:  # a run between its mkdir and its lock, or an old version's
                     gone = entry.stat().st_mtime < cutoff
-            else:  # an owner locks its file before it writes: a new empty one may be waiting for that
-                info = entry.stat()
-                gone = _owner_gone(entry) is True and (info.st_size > 0 or info.st_mtime < time.time() - FRESH_S)
+            else:
+                gone = _owner_gone(entry) is True
             if gone:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 for sibling in SIDE_FILES:

@@ -111,10 +111,13 @@ class DatasetWriter:
         # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
         self._pending: deque[Future[None]] = deque()
-        self._writers = {
-            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd", compression_level=1)
-            for split in (("train", "eval") if with_eval else ("train",))
-        }
+        try:
+            for split in ("train", "eval") if with_eval else ("train",):
+                path = self.tmp / f"{split}.parquet"
+                self._writers[split] = pq.ParquetWriter(path, schema, compression="zstd", compression_level=1)
+        except BaseException:
+            self.abort()
+            raise
         if csv_path is not None:
             self._csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
             try:

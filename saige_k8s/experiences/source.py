@@ -151,6 +151,8 @@ ADBC_BACKENDS = ("sqlite", "postgresql")
 
 
 def _adbc_connect(url: URL):
+    if lifecycle.installed():
+        _leave_sigint_to_us()
     if url.get_backend_name() == "sqlite":
         import adbc_driver_sqlite.dbapi as driver
 
@@ -158,6 +160,15 @@ def _adbc_connect(url: URL):
     import adbc_driver_postgresql.dbapi as driver
 
     return driver.connect(with_timeouts(url).set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+def _leave_sigint_to_us() -> None:
+    """ADBC swaps in its own SIGINT handler around each call: it cancels, then raises the
+    driver's error (NOT_IMPLEMENTED on SQLite) and the signal never reaches ours. Ours cancels
+    on SIGINT and SIGTERM alike (``cancel_on_stop``) and reports the stop."""
+    from adbc_driver_manager import dbapi
+
+    dbapi._blocking_call = lambda func, args, kwargs, cancel: func(*args, **kwargs)
 
 
 def _compile(statement: sa.Select, url: URL) -> tuple[str, list]:
