@@ -76,3 +76,21 @@ def remove_stale_temporaries(directory: Path, pattern: str) -> None:
                     Path(f"{entry}{sibling}").unlink(missing_ok=True)
         except OSError:
             continue
+
+
+_claimed: list[int] = []
+
+
+def claim(directory: Path, pattern: str) -> bool:
+    """Lock ``directory`` for this process's lifetime and remove its ``pattern`` leftovers
+    (names without a PID, such as ``checkpoints/.tmp-step-N``): while this process holds the
+    lock no other live run uses the directory, so every such leftover is a dead run's. False,
+    and nothing removed, when another live process holds it."""
+    try:
+        fd = hold_lock(directory / LOCK)
+    except OSError:
+        return False
+    _claimed.append(fd)
+    for entry in directory.glob(pattern):
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    return True

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+import saige_k8s
 from saige_k8s.dataset.writer import DatasetWriter
 from saige_k8s.experiences.demo import DemoOptions, create_database
-from saige_k8s.experiences.source import CONNECT_TIMEOUT_S, with_timeouts
-from saige_k8s.temporaries import hold_lock
 from tests.conftest import REQUIRE_TOOLS, run_cli, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(saige_k8s.__file__).resolve().parents[1]
+#: libpq's connect_timeout that extract sets when the URL has none (source.CONNECT_TIMEOUT_S).
+CONNECT_TIMEOUT_S = 10
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -65,8 +66,6 @@ def _one_error_line(stderr: str, *words: str) -> None:
 # "later" moment (the handler used to set a flag that only the reading loop looked at).
 _SELF_SIGNAL = """
 import importlib, os, signal, sys
-from saige_k8s import lifecycle
-lifecycle.install()
 module_name, name = sys.argv[1].rsplit(":", 1)
 signum = int(sys.argv[2])
 owner, _, attr = name.rpartition(".")
@@ -160,6 +159,8 @@ def test_cli_preset_names_match_the_filters() -> None:
 
 
 def test_postgres_urls_get_a_connect_timeout() -> None:
+    from saige_k8s.experiences.source import CONNECT_TIMEOUT_S, with_timeouts
+
     url = with_timeouts(sa.engine.make_url("postgresql+psycopg://u@db/x"))
     assert url.query["connect_timeout"] == str(CONNECT_TIMEOUT_S)
     assert with_timeouts(sa.engine.make_url("postgresql://u@db/x?connect_timeout=3")).query["connect_timeout"] == "3"
@@ -404,7 +405,7 @@ def test_the_sweep_keeps_a_live_runs_directory_however_old(tmp_path: Path) -> No
 
 
 def test_the_sweep_removes_dead_temporary_files_only(tmp_path: Path) -> None:
-    from saige_k8s.temporaries import remove_stale_temporaries
+    from saige_k8s.temporaries import hold_lock, remove_stale_temporaries
 
     live, dead = tmp_path / ".x.db.1.tmp", tmp_path / ".x.db.2.tmp"
     fd = hold_lock(live)
@@ -440,3 +441,17 @@ def test_a_killed_demo_db_leaves_no_file_for_if_missing(tmp_path: Path) -> None:
     with sa.create_engine(f"sqlite:///{out}").connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM experiences")).scalar() == 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saige.db"]
+
+
+def test_train_sweeps_half_checkpoints_only_of_a_run_directory_it_holds(tmp_path: Path) -> None:
+    from saige_k8s.temporaries import claim
+
+    half = tmp_path / "checkpoints" / ".tmp-step-00000004"
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoints" / "step-00000002").mkdir()
+    assert claim(tmp_path, "checkpoints/.tmp-step-*")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+    half.mkdir()
+    assert not claim(tmp_path, "checkpoints/.tmp-step-*")  # another live run holds the directory
+    assert half.is_dir()

@@ -25,6 +25,7 @@ from saige_k8s import lifecycle
 from saige_k8s.errors import Interrupted, ResourceError
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
+from saige_k8s.temporaries import claim
 from saige_k8s.training.data import (
     Example,
     collate,
@@ -131,6 +132,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     state = _resume(accelerator, options.run_dir)
     if accelerator.is_main_process:
         options.run_dir.mkdir(parents=True, exist_ok=True)
+        claim(options.run_dir, f"{CHECKPOINTS}/.tmp-step-*")  # a killed run's half checkpoints
         accelerator.init_trackers("tensorboard")
     if not state.step:  # a resumed run keeps the untrained adapter's eval loss
         state.eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
