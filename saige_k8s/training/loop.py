@@ -223,7 +223,8 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         adapter = options.run_dir / ADAPTER
         accelerator.unwrap_model(model).save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
-        (options.run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        with lifecycle.commit():  # metrics.json marks a finished run: a signal from here lets it finish
+            (options.run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     accelerator.end_training()
     return metrics
 
