@@ -15,6 +15,7 @@ Stdlib only: the entry points install this before anything heavy is imported.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from saige_k8s.errors import Interrupted
 
@@ -46,6 +47,7 @@ _cancels: dict[int, Callable[[], object]] = {}
 _cleanups: dict[int, Callable[[], object]] = {}
 _installed = False
 _watching = threading.Event()
+_retries = 0
 _OWN_THREADS = ("signals", "stop-deadline")
 
 
@@ -201,17 +203,31 @@ def _record(signum: int) -> bool:
 
 
 def _handle(signum: int, frame: object) -> None:
-    global _raised  # noqa: PLW0603
+    global _raised, _retries  # noqa: PLW0603
     _record(signum)
     if not _watching.is_set():  # no watcher thread: cancel from here
         _cancel_all()
     if _raised or _polling or _commit != "no":
         return
+    if _in_finalizer(frame):  # Python would print the exception and drop it: raise it a moment later
+        with _lock:
+            _retries += 1
+        threading.Timer(0.02, _thread.interrupt_main, args=(signum,)).start()
+        return
     _raised = True
     raise Interrupted(f"{reason()}; partial output removed")
 
 
+def _in_finalizer(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _watch(reader: socket.socket, writer: socket.socket) -> None:
+    global _retries  # noqa: PLW0603
     _watching.set()
     deliveries = 0
     while True:
@@ -221,6 +237,12 @@ def _watch(reader: socket.socket, writer: socket.socket) -> None:
             return
         for signum in data:
             if signum not in EXIT_CODES:
+                continue
+            with _lock:
+                retry = _retries > 0
+                if retry:  # our own repeat of a signal that came during a finalizer
+                    _retries -= 1
+            if retry:
                 continue
             deliveries += 1
             _record(signum)

@@ -455,3 +455,28 @@ def test_train_sweeps_half_checkpoints_only_of_a_run_directory_it_holds(tmp_path
     half.mkdir()
     assert not claim(tmp_path, "checkpoints/.tmp-step-*")  # another live run holds the directory
     assert half.is_dir()
+
+
+def test_a_signal_inside_a_finalizer_is_not_lost() -> None:
+    """Python prints and drops an exception raised in ``__del__``: the stop is raised just after."""
+    code = """
+import os, signal, time
+from saige_k8s import lifecycle
+from saige_k8s.errors import Interrupted
+lifecycle.install()
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))
+try:
+    Finalized()
+    time.sleep(2)
+    print("not stopped")
+except Interrupted as exc:
+    print(exc)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=30, check=False
+    )
+    assert out.stdout.strip() == "stopped by SIGTERM; partial output removed", out.stderr
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr
