@@ -61,6 +61,7 @@ def install() -> None:
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     threading.Thread(target=_watch, args=(reader, writer), name="signals", daemon=True).start()
+    sys.unraisablehook = _unraisable
     for signum in EXIT_CODES:
         signal.signal(signum, _handle)
 
@@ -203,27 +204,30 @@ def _record(signum: int) -> bool:
 
 
 def _handle(signum: int, frame: object) -> None:
-    global _raised, _retries  # noqa: PLW0603
+    global _raised  # noqa: PLW0603
     _record(signum)
     if not _watching.is_set():  # no watcher thread: cancel from here
         _cancel_all()
     if _raised or _polling or _commit != "no":
         return
-    if _in_finalizer(frame):  # Python would print the exception and drop it: raise it a moment later
-        with _lock:
-            _retries += 1
-        threading.Timer(0.02, _thread.interrupt_main, args=(signum,)).start()
-        return
     _raised = True
     raise Interrupted(f"{reason()}; partial output removed")
 
 
-def _in_finalizer(frame: Any) -> bool:
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
+def _unraisable(unraisable: Any) -> None:
+    """Python prints and drops an exception raised where it cannot propagate (``__del__``, a
+    weakref callback): when that is the stop, raise it again a moment later instead."""
+    global _raised, _retries  # noqa: PLW0603
+    if isinstance(unraisable.exc_value, Interrupted) and _signum is not None:
+        with _lock:
+            _raised = False
+            _retries += 1
+        threading.Timer(0.02, _thread.interrupt_main, args=(_signum,)).start()
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
 
 
 def _watch(reader: socket.socket, writer: socket.socket) -> None:

@@ -457,19 +457,28 @@ def test_train_sweeps_half_checkpoints_only_of_a_run_directory_it_holds(tmp_path
     assert half.is_dir()
 
 
-def test_a_signal_inside_a_finalizer_is_not_lost() -> None:
-    """Python prints and drops an exception raised in ``__del__``: the stop is raised just after."""
-    code = """
-import os, signal, time
+@pytest.mark.parametrize(
+    "trigger",
+    ["Finalized()", "kept = weakref.ref(Finalized(), lambda ref: stop())"],
+    ids=["__del__", "weakref-callback"],
+)
+def test_a_signal_inside_a_finalizer_is_not_lost(trigger: str) -> None:
+    """Python prints and drops an exception raised in ``__del__`` or a weakref callback (the
+    import system has some): the stop is raised again just after."""
+    code = f"""
+import os, signal, time, weakref
 from saige_k8s import lifecycle
 from saige_k8s.errors import Interrupted
 lifecycle.install()
+def stop():
+    os.kill(os.getpid(), signal.SIGTERM)
+    sum(range(1000))
 class Finalized:
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        sum(range(1000))
+        if {trigger.startswith("Finalized")!r}:
+            stop()
 try:
-    Finalized()
+    {trigger}
     time.sleep(2)
     print("not stopped")
 except Interrupted as exc:
