@@ -8,6 +8,7 @@ SIGTERM (partial output removed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,12 +19,11 @@ from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origi
 
 import click
 
-from saige_k8s import __version__
+from saige_k8s import __version__, lifecycle
 from saige_k8s.dataset.formats import FormatName
 from saige_k8s.errors import InputError, SaigeError
 from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.filters import PRESETS, Filters, PresetName
-from saige_k8s.lifecycle import install_sigterm_handler
 from saige_k8s.spec import DATA_ROOT_ENV, STEP_NAMES, StepName, TrainSpec, resolve_data_root
 
 log = logging.getLogger("saige_k8s")
@@ -39,6 +39,11 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:  # a full or read-only volume, wherever it is noticed
+            if os.environ.get("SAIGE_DEBUG"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"I/O error: {exc.strerror or exc}{where}", 1)
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(f"{exc.format_message()}{where}", exc.exit_code)
@@ -53,6 +58,11 @@ class _Group(click.Group):
 def _fail(message: str, code: int) -> NoReturn:
     from saige_k8s.experiences.credentials import scrub
 
+    lifecycle.settle()
+    stopped = lifecycle.exit_code()
+    if stopped is not None and not lifecycle.committed():  # a failure after a signal is the signal's doing
+        message = message if message.startswith(lifecycle.reason()) else f"{lifecycle.reason()}; partial output removed"
+        code = stopped
     # Only the first line, and never a credential, even from an error no one foresaw.
     click.echo(f"saige-k8s: error: {scrub(message)}", err=True)
     sys.exit(code)
@@ -72,7 +82,6 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_sigterm_handler()
 
 
 @cli.command("demo-db")
@@ -244,11 +253,14 @@ def extract(
         result = existing
         log.info("dataset %s already published; reporting it", dataset_id)
     else:
-        result = run_extract(request)
         from saige_k8s import metrics
 
+        def textfile(manifest: dict[str, Any], directory: Path) -> None:  # before the dataset is published
+            registry = metrics.extraction_registry(manifest, min_examples=spec.extract.min_examples)
+            metrics.write_textfile(registry, directory)
+
+        result = run_extract(dataclasses.replace(request, before_publish=textfile))
         registry = metrics.extraction_registry(result.manifest, min_examples=spec.extract.min_examples)
-        metrics.write_textfile(registry, result.path)
         metrics.push(registry, pushgateway, metrics.EXTRACT_JOB, spec.name)
     if summary_file is not None:
         _write_summary(summary_file, result.summary)
@@ -810,4 +822,11 @@ def _eval_fraction(value: float) -> float:
 
 
 def main() -> None:
-    cli(prog_name="saige-k8s")
+    lifecycle.install()
+    try:
+        cli(prog_name="saige-k8s")
+    except SystemExit as exc:
+        lifecycle.exit_process(exc.code)
+    except SaigeError as exc:  # a signal while click parses the command line
+        lifecycle.stopped(str(exc), exc.exit_code)
+    lifecycle.exit_process(0)

@@ -457,8 +457,12 @@ def write_textfile(registry: CollectorRegistry, directory: Path, name: str = TEX
     """``directory/name`` (``metrics.prom``), replaced atomically."""
     target = directory / name
     tmp = directory / f".{name}.{os.getpid()}"
-    tmp.write_bytes(generate_latest(registry))
-    os.replace(tmp, target)
+    try:
+        tmp.write_bytes(generate_latest(registry))
+        os.replace(tmp, target)
+    except BaseException:  # a full volume (or a signal) leaves no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return target
 
 

@@ -3,6 +3,7 @@ no partial output, no secret printed, no injection."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -272,8 +273,16 @@ def test_csv_on_a_read_only_file_system(demo_sqlite: str, tmp_path: Path, monkey
             refuse()
         original_unlink(self, missing_ok=missing_ok)
 
+    original_open = os.open
+
+    def open_file(path: object, *args: object, **kwargs: object) -> int:
+        if Path(str(path)).parent == read_only:  # a read-only file system creates nothing
+            refuse()
+        return original_open(path, *args, **kwargs)
+
     monkeypatch.setattr(pcsv, "CSVWriter", refuse)
     monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "open", open_file)
     root = tmp_path / "root"
     result = run_cli("extract", "--db", demo_sqlite, "--data-root", root, "--csv", read_only / "x.csv")
     line = _one_error_line(result, 2)

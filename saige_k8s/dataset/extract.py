@@ -11,9 +11,10 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 
-from saige_k8s import __version__
+from saige_k8s import __version__, lifecycle
 from saige_k8s.dataset.curate import (
     OUTPUT_SCHEMA,
     STAGE_INVALID,
@@ -35,7 +36,7 @@ from saige_k8s.dataset.curate import (
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.stats import DatasetStats
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
-from saige_k8s.errors import InputError, NoExamplesError
+from saige_k8s.errors import InputError, NoExamplesError, RuntimeFailure
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.query import CANDIDATE, Judgement, funnel_query, rows_query
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
@@ -62,6 +63,8 @@ class ExtractRequest:
     progress: bool = False
     #: False forces SQLAlchemy's cursor instead of ADBC (any database; slower).
     adbc: bool = True
+    #: Called with the manifest and the unpublished directory, to add files (metrics.prom).
+    before_publish: Callable[[dict[str, Any], Path], object] | None = None
 
 
 @dataclass
@@ -97,17 +100,40 @@ def extract(request: ExtractRequest) -> ExtractResult:
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
     dataset_id = request.dataset_id or new_dataset_id()
-    with DatasetWriter(
-        request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path
-    ) as writer:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel") as pool:
-            funnel_future = pool.submit(_run_funnel, source, judgement, request.adbc)
-            read = _write_candidates(request, source, judgement, writer)
-            funnel = funnel_future.result()
-        manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
-        _check(request, source, judgement, manifest, read)
-        path = writer.publish(manifest)
+    try:
+        with DatasetWriter(
+            request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path
+        ) as writer:
+            funnel_future = _in_background(_run_funnel, source, judgement, request.adbc)
+            try:
+                read = _write_candidates(request, source, judgement, writer)
+                funnel = funnel_future.result()
+            except BaseException:
+                lifecycle.cancel_running()  # the funnel's query, if it still runs
+                raise
+            check_stop()
+            manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
+            _check(request, source, judgement, manifest, read)
+            path = writer.publish(manifest, request.before_publish)
+    except OSError as exc:  # pyarrow's I/O errors are OSErrors too
+        check_stop()
+        where = exc.filename or request.data_root / DATASETS
+        raise RuntimeFailure(f"cannot write the dataset ({where}): {exc.strerror or exc}; nothing published") from None
     return ExtractResult(path, manifest)
+
+
+def _in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:
+    """A daemon thread, unlike an executor's: one stuck in a query cannot hold the exit up."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="funnel", daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)

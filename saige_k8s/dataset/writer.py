@@ -1,8 +1,11 @@
-"""Publishing a dataset on the shared volume so that no reader sees half of one.
+"""Publishing a dataset on the shared volume (DESIGN §3.4) so that no reader sees half of one.
 
 Files go into a hidden temporary directory beside the datasets; the manifest is written
 last; one rename publishes the directory; ``LATEST`` is replaced atomically after that. A
 run killed at any point leaves the previous dataset and ``LATEST`` as they were.
+
+A run holds an flock on ``.lock`` in its temporary directory while it lives (see
+saige_k8s.temporaries): the sweep of leftovers never takes a live run's directory.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
-import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,15 +29,17 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from saige_k8s import lifecycle
 from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.temporaries import LOCK, hold_lock, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 DATASETS = "datasets"
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-#: Temporary directories older than this are leftovers of killed runs.
-STALE_AFTER_S = 6 * 3600
 _MAX_PENDING = 2
 CSV_COLUMNS = ("id", "text", "format", "actual_harm", "buddhist_weighted_score", "buddhist_alignment", "difficulty")
 
@@ -82,16 +88,24 @@ class DatasetWriter:
         if self.final.exists():
             raise ConfigError(f"dataset {dataset_id!r} already exists in {self.datasets}")
         self.tmp = self.datasets / f"{TMP_PREFIX}{dataset_id}-{os.getpid()}"
-        self._writers: dict[str, pq.ParquetWriter] = {}
-        self._pending: deque[Future[None]] = deque()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
-        # The CSV first: an unusable --csv path fails before anything is created under the data root.
+        self._latest_tmp = self.datasets / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
         self.csv_path = csv_path
-        self._csv_tmp = None
+        self._csv_tmp: Path | None = None
         self._csv = None
+        self._lock: int | None = None
+        self._latest_lock: int | None = None
+        self._csv_lock: int | None = None
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._forced_exit = contextlib.ExitStack()
+        self._forced_exit.enter_context(lifecycle.remove_on_forced_exit(self._remove_temporaries))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pending: deque[Future[None]] = deque()
+        # The CSV first: an unusable --csv path fails before anything is created under the data root.
         if csv_path is not None:
             self._csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
             try:
+                remove_stale_temporaries(csv_path.parent, f".{csv_path.name}.*.tmp")
+                self._csv_lock = hold_lock(self._csv_tmp)
                 self._csv = pcsv.CSVWriter(self._csv_tmp, schema=_csv_schema(schema))
             except (OSError, pa.ArrowException) as exc:
                 self.abort()
@@ -99,18 +113,22 @@ class DatasetWriter:
                 raise InputError(f"CSV output not writable: {csv_path} ({reason})") from None
         try:
             self.datasets.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.datasets)
+            remove_stale_temporaries(self.datasets, f"{TMP_PREFIX}*")
             self.tmp.mkdir()
+            self._lock = hold_lock(self.tmp / LOCK)
         except OSError as exc:
             self.abort()
             raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
         self.rows = {"train": 0, "eval": 0}
         # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
         # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
-        self._writers = {
-            split: pq.ParquetWriter(self.tmp / f"{split}.parquet", schema, compression="zstd", compression_level=1)
-            for split in (("train", "eval") if with_eval else ("train",))
-        }
+        try:
+            for split in ("train", "eval") if with_eval else ("train",):
+                path = self.tmp / f"{split}.parquet"
+                self._writers[split] = pq.ParquetWriter(path, schema, compression="zstd", compression_level=1)
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -138,17 +156,26 @@ class DatasetWriter:
             self._csv.write_batch(batch.select(list(CSV_COLUMNS)))
 
     def _drain(self) -> None:
+        if not hasattr(self, "_pool"):
+            return
         try:
             while self._pending:
                 self._pending.popleft().result()
         finally:
             self._pool.shutdown(wait=True)
 
-    def publish(self, manifest: dict[str, Any]) -> Path:
-        """Close the files, write the manifest, rename into place, then point LATEST at it."""
+    def publish(self, manifest: dict[str, Any], before: Callable[[dict[str, Any], Path], object] | None = None) -> Path:
+        """Close the files, write the manifest, rename into place, then point LATEST at it.
+
+        ``before(manifest, directory)`` may add files (metrics.prom) while the directory is unpublished.
+        Everything that needs space is written before the rename: a full volume fails the run
+        with nothing published and LATEST as it was.
+        """
         self._drain()
         for writer in self._writers.values():
             writer.close()
+        if self._csv is not None:
+            self._csv.close()
         manifest = {
             **manifest,
             "files": {
@@ -156,18 +183,30 @@ class DatasetWriter:
                 for split in self._writers
             },
         }
+        if before is not None:
+            before(manifest, self.tmp)
         _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         for name in self._writers:
             _fsync(self.tmp / f"{name}.parquet")
-        os.rename(self.tmp, self.final)
-        _fsync(self.datasets)
-        latest_tmp = self.datasets / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
-        _write_synced(latest_tmp, self.dataset_id + "\n")
-        os.replace(latest_tmp, self.datasets / LATEST)
-        _fsync(self.datasets)
-        if self._csv is not None and self._csv_tmp is not None and self.csv_path is not None:
-            self._csv.close()
-            os.replace(self._csv_tmp, self.csv_path)
+        self._latest_lock = hold_lock(self._latest_tmp)
+        _write_synced(self._latest_tmp, self.dataset_id + "\n")
+        (self.tmp / LOCK).unlink()
+        with lifecycle.commit():
+            os.rename(self.tmp, self.final)
+            try:
+                os.replace(self._latest_tmp, self.datasets / LATEST)
+            except OSError:
+                os.rename(self.final, self.tmp)  # unpublish: LATEST never pointed at it
+                raise
+            with contextlib.suppress(OSError):  # published; durability is the volume's business now
+                _fsync(self.datasets)
+            if self._csv_tmp is not None and self.csv_path is not None:
+                try:
+                    os.replace(self._csv_tmp, self.csv_path)
+                except OSError as exc:
+                    log.warning("dataset published, but the CSV could not be moved to %s: %s", self.csv_path, exc)
+        self._release_locks()
+        self._forced_exit.close()
         return self.final
 
     def abort(self) -> None:
@@ -177,25 +216,27 @@ class DatasetWriter:
         for writer in [*self._writers.values(), *([self._csv] if self._csv is not None else [])]:
             with contextlib.suppress(OSError, pa.ArrowException):
                 writer.close()
+        self._remove_temporaries()
+        self._release_locks()
+        self._forced_exit.close()
+
+    def _remove_temporaries(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if self._csv_tmp is not None:
-            # On a read-only file system even removing a file that is not there fails (EROFS).
-            with contextlib.suppress(OSError):
-                self._csv_tmp.unlink(missing_ok=True)
+        for path in (self._latest_tmp, self._csv_tmp):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+
+    def _release_locks(self) -> None:
+        for fd in (self._lock, self._csv_lock, self._latest_lock):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock = self._csv_lock = self._latest_lock = None
 
 
 def _csv_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([schema.field(name) for name in CSV_COLUMNS])
-
-
-def _remove_stale_temporaries(datasets: Path) -> None:
-    cutoff = time.time() - STALE_AFTER_S
-    for entry in datasets.glob(f"{TMP_PREFIX}*"):
-        try:
-            if entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        except OSError:
-            continue
 
 
 def _write_synced(path: Path, text: str) -> None:

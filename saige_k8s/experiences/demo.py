@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from saige_k8s import lifecycle
+from saige_k8s.experiences import is_sqlite_path
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS, DIFFICULTIES, HARM_COMPONENTS, PRINCIPLES
+from saige_k8s.temporaries import SIDE_FILES, hold_lock, remove_stale_temporaries
 
 ALIGNMENT_SHARES = (0.18, 0.32, 0.24, 0.16, 0.10)
 _VIRTUE_MEAN = np.array([8.4, 7.1, 5.6, 4.0, 2.4])
@@ -226,6 +230,14 @@ def _batch(  # noqa: PLR0915 - one recipe, top to bottom
     return rows
 
 
+def _canceller(driver: object):
+    """What stops a running ``executemany`` from another thread: sqlite3 or psycopg."""
+    for name in ("interrupt", "cancel_safe", "cancel"):
+        if hasattr(driver, name):
+            return getattr(driver, name)
+    return lambda: None
+
+
 def create_demo_database(engine: sa.Engine, options: DemoOptions, table: str = "experiences") -> int:
     """(Re)create ``table`` on ``engine`` filled with demo rows; returns the row count."""
     metadata = sa.MetaData()
@@ -242,41 +254,70 @@ def create_demo_database(engine: sa.Engine, options: DemoOptions, table: str = "
         marks = ", ".join(["?" if engine.dialect.paramstyle == "qmark" else "%s"] * len(names))
         quoted = ", ".join(engine.dialect.identifier_preparer.quote(n) for n in names)
         sql = f"INSERT INTO {engine.dialect.identifier_preparer.quote(table)} ({quoted}) VALUES ({marks})"
-        for batch in generate(options):
-            if engine.dialect.name == "sqlite":  # ISO text, as SQLite applications store timestamps
-                batch = [(r[0], r[1].isoformat(sep=" "), *r[2:]) for r in batch]  # noqa: PLW2901
-            cursor.executemany(sql, batch)
-            total += len(batch)
-        raw.commit()
+        with lifecycle.cancel_on_stop(_canceller(raw.driver_connection)):
+            for batch in generate(options):
+                if engine.dialect.name == "sqlite":  # ISO text, as SQLite applications store timestamps
+                    batch = [(r[0], r[1].isoformat(sep=" "), *r[2:]) for r in batch]  # noqa: PLW2901
+                cursor.executemany(sql, batch)
+                total += len(batch)
+            raw.commit()
     finally:
         raw.close()
     return total
 
 
 def create_database(target: str, options: DemoOptions, table: str = "experiences") -> int:
-    """``target``: a SQLite file path (created or replaced) or a SQLAlchemy URL."""
-    from saige_k8s.errors import InputError, RuntimeFailure
-    from saige_k8s.experiences.credentials import parse_url, redact, scrub
+    """``target``: a SQLite file path (created or replaced) or a SQLAlchemy URL.
+
+    A SQLite file is built as ``.NAME.PID.tmp`` beside it and renamed into place when
+    complete: a killed run never leaves a file that ``--if-missing`` would then keep.
+    """
+    from saige_k8s.errors import InputError
+    from saige_k8s.experiences.credentials import parse_url, redact
     from saige_k8s.experiences.source import check_dialect
 
-    if "://" in target:
+    if not is_sqlite_path(target):
         url = parse_url(target, "--out")
         check_dialect(url)
-    else:
-        path = Path(target).expanduser()
-        if path.is_dir():
-            raise InputError(f"--out names a directory, not a database file: {redact(str(path))}")
-        if not path.parent.is_dir():
-            raise InputError(f"directory does not exist: {redact(str(path.parent))}")
+        return _fill(url, options, table)
+    path = Path(target).expanduser()
+    if path.is_dir():
+        raise InputError(f"--out names a directory, not a database file: {redact(str(path))}")
+    if not path.parent.is_dir():
+        raise InputError(f"directory does not exist: {redact(str(path.parent))}")
+    remove_stale_temporaries(path.parent, f".{path.name}.*.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def remove() -> None:
+        for suffix in ("", *SIDE_FILES):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+    with lifecycle.remove_on_forced_exit(remove):
+        lock = hold_lock(tmp)
         try:
-            path.unlink(missing_ok=True)
+            count = _fill(sa.engine.URL.create("sqlite", database=str(tmp.resolve())), options, table)
+            with lifecycle.commit():
+                os.replace(tmp, path)
         except OSError as exc:
+            remove()
             raise InputError(f"cannot replace {redact(str(path))}: {exc.strerror}") from None
-        url = sa.engine.URL.create("sqlite", database=str(path.resolve()))
+        except BaseException:
+            remove()
+            raise
+        finally:
+            os.close(lock)
+    return count
+
+
+def _fill(url: sa.URL, options: DemoOptions, table: str) -> int:
+    from saige_k8s.errors import RuntimeFailure
+    from saige_k8s.experiences.credentials import redact, scrub
+
     engine = sa.create_engine(url)
     try:
         return create_demo_database(engine, options, table)
     except sa.exc.OperationalError as exc:
+        lifecycle.check_stop()
         raise RuntimeFailure(f"cannot write demo database to {redact(url)}: {scrub(str(exc.orig), url)}") from None
     finally:
         engine.dispose()

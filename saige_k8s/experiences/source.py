@@ -18,6 +18,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
+from saige_k8s import lifecycle
 from saige_k8s.errors import ConfigError, InputError, RuntimeFailure, SaigeError
 from saige_k8s.experiences.credentials import parse_url, redact, scrub
 from saige_k8s.experiences.filters import Filters
@@ -26,6 +27,9 @@ from saige_k8s.experiences.schema import COLUMNS, REQUIRED_COLUMNS
 
 DB_URL_ENV = "SAIGE_DB_URL"
 _BATCH_ROWS = 16_384
+#: libpq's ``connect_timeout`` when the URL sets none (its own default is to wait forever); a
+#: ``statement_timeout`` goes into the URL too: ``?options=-c%20statement_timeout%3D600s``.
+CONNECT_TIMEOUT_S = 10
 
 
 def resolve_url(db: str | None) -> URL:
@@ -67,7 +71,7 @@ def check_dialect(url: URL) -> None:
 def _engine(url: URL) -> sa.Engine:
     check_dialect(url)
     try:
-        return sa.create_engine(url, poolclass=sa.pool.NullPool)
+        return sa.create_engine(with_timeouts(url), poolclass=sa.pool.NullPool)
     except (sa.exc.ArgumentError, TypeError, ValueError) as exc:  # e.g. a user and password on a SQLite URL
         raise ConfigError(f"database URL {redact(url)} cannot be used: {scrub(str(exc), url)}") from None
 
@@ -93,11 +97,34 @@ _SQLITE_DAMAGED = ("file is not a database", "database disk image is malformed")
 
 
 def _failure(what: str, url: URL, exc: BaseException) -> SaigeError:
-    """A driver error as the project's error: input (exit 2) for a damaged SQLite file, else runtime (exit 1)."""
+    """A driver error as the project's error: input (exit 2) for a damaged SQLite file, else runtime (exit 1).
+
+    After SIGTERM/SIGINT the error is the cancel's doing: the stop is reported instead.
+    """
+    lifecycle.check_stop()
     text = str(getattr(exc, "orig", None) or exc)
     if url.get_backend_name() == "sqlite" and any(m in text for m in _SQLITE_DAMAGED):
         return InputError(f"not a SQLite database, or a damaged one: {redact(url)} ({scrub(text, url)})")
     return RuntimeFailure(f"{what} {redact(url)}: {scrub(text, url)}")
+
+
+def with_timeouts(url: URL) -> URL:
+    """The URL to connect with: a PostgreSQL connect gives up after CONNECT_TIMEOUT_S."""
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        return url.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    return url
+
+
+@contextmanager
+def _cancellable(conn: sa.Connection) -> Iterator[None]:
+    """A stop cancels the statement running on ``conn`` (psycopg's cancel, sqlite3's interrupt)."""
+    driver = conn.connection.driver_connection
+    cancel = next((getattr(driver, n) for n in ("cancel_safe", "cancel", "interrupt") if hasattr(driver, n)), None)
+    if cancel is None:
+        yield
+        return
+    with lifecycle.cancel_on_stop(cancel):
+        yield
 
 
 @dataclass(frozen=True)
@@ -128,7 +155,7 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
         raise ConfigError(f"source.columns: unknown key(s) {unknown}; valid keys are {list(COLUMNS)}")
     engine = _engine(url)
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _cancellable(conn):
             inspector = sa.inspect(conn)
             schemas = sorted(inspector.get_schema_names()) if schema is not None else []
             if schema is not None and schema not in schemas:
@@ -169,13 +196,24 @@ ADBC_BACKENDS = ("sqlite", "postgresql")
 
 
 def _adbc_connect(url: URL):
+    if lifecycle.installed():
+        _leave_sigint_to_us()
     if url.get_backend_name() == "sqlite":
         import adbc_driver_sqlite.dbapi as driver
 
         return driver.connect(url.database or ":memory:")
     import adbc_driver_postgresql.dbapi as driver
 
-    return driver.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    return driver.connect(with_timeouts(url).set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+def _leave_sigint_to_us() -> None:
+    """ADBC swaps in its own SIGINT handler around each call: it cancels, then raises the
+    driver's error (NOT_IMPLEMENTED on SQLite) and the signal never reaches ours. Ours cancels
+    on SIGINT and SIGTERM alike (``cancel_on_stop``) and reports the stop."""
+    from adbc_driver_manager import dbapi
+
+    dbapi._blocking_call = lambda func, args, kwargs, cancel: func(*args, **kwargs)
 
 
 def _compile(statement: sa.Select, url: URL) -> tuple[str, list]:
@@ -232,14 +270,15 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
         cursor = conn.cursor()
         if url.get_backend_name() == "sqlite":
             cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
-        try:
-            if url.get_backend_name() == "postgresql" and params:
-                sql, params = _session_parameters(cursor, sql, params)
-            cursor.execute(sql, params or None)
-            reader = cursor.fetch_record_batch()
-        except Exception as exc:  # noqa: BLE001
-            raise _failure("query failed on", url, exc) from None
-        yield _guarded(reader, url)
+        with lifecycle.cancel_on_stop(cursor.adbc_cancel):
+            try:
+                if url.get_backend_name() == "postgresql" and params:
+                    sql, params = _session_parameters(cursor, sql, params)
+                cursor.execute(sql, params or None)
+                reader = cursor.fetch_record_batch()
+            except Exception as exc:  # noqa: BLE001
+                raise _failure("query failed on", url, exc) from None
+            yield _guarded(reader, url)
     finally:
         conn.close()
 
@@ -286,7 +325,7 @@ def _stream_sqlalchemy(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.R
         # sqlite3 would raise for the whole query on one such value.
         sa.event.listen(engine, "connect", lambda dbapi_conn, _: setattr(dbapi_conn, "text_factory", _sqlite_text))
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _cancellable(conn):
             try:
                 result = conn.execution_options(stream_results=True, yield_per=_BATCH_ROWS).execute(statement)
             except sa.exc.SQLAlchemyError as exc:

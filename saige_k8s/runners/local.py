@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from saige_k8s import lifecycle
 from saige_k8s import metrics as prometheus
 from saige_k8s.errors import CandidateRejected, InputError, Interrupted, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
@@ -36,8 +37,9 @@ METRICS_DIR = "metrics"
 PIPELINES_DIR = "pipelines"
 #: A step whose spec sets no deadline still stops after this long.
 NO_DEADLINE_SECONDS = 7 * 24 * 3600
-#: How long a step has to exit after SIGTERM before it is killed.
-GRACE_SECONDS = 30
+#: How long a step has to exit after SIGTERM before it is killed (within the runner's own
+#: grace, after which it exits whatever its step does).
+GRACE_SECONDS = int(lifecycle.POLL_GRACE_S) - 5
 
 _FINISHED = ("Succeeded", "Failed", "Cancelled", "Rejected")
 REJECTED_EXIT = CandidateRejected.exit_code
@@ -107,12 +109,18 @@ class LocalBackend(Backend):
         ]
         for copy in copies:
             copy.start()
+        # A stop is passed on to the step (it checkpoints and exits); this loop polls for it.
+        lifecycle.poll_stop(True)
         try:
-            code = _wait(process, limit)
-        except KeyboardInterrupt:  # Ctrl-C reached the step too; record how it ended
+            with lifecycle.cancel_on_stop(process.terminate):
+                code = _wait(process, limit)
+        except BaseException:  # Ctrl-C reached the step too; record how it ended
             _stop(process)
             state.finish("Cancelled", process.returncode)
             raise
+        finally:
+            if not stop_requested():
+                lifecycle.poll_stop(False)
         for copy in copies:
             copy.join(timeout=5)
         if code is None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from saige_k8s import lifecycle
 from saige_k8s.errors import Interrupted, ResourceError, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
@@ -155,6 +156,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     window_loss, window_batches = 0.0, 0
     progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
     multiple = CUDA_PAD_MULTIPLE if accelerator.device.type == "cuda" else 1
+    lifecycle.poll_stop(True)  # a signal from here on is answered at the next step, with a checkpoint
     while state.step < total_steps:
         batches = length_grouped_batches(lengths, spec.batch_size, spec.seed, state.epoch)
         usable = len(batches) - len(batches) % accelerator.num_processes or len(batches)
@@ -186,7 +188,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
                 window_loss, window_batches = 0.0, 0
             if _should_stop(accelerator):
                 _checkpoint(accelerator, options, state, owner)
-                raise Interrupted(f"stopped by SIGTERM at step {state.step}; checkpoint saved, rerun to resume")
+                raise Interrupted(f"{lifecycle.reason()} at step {state.step}; checkpoint saved, rerun to resume")
             if state.step % spec.save_steps == 0:
                 _checkpoint(accelerator, options, state, owner)
             if state.step >= total_steps:
@@ -194,6 +196,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
+    lifecycle.poll_stop(False)
     progress.close()
     epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
     duration = time.perf_counter() - started
@@ -231,7 +234,8 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         with atomic.writing(options.run_dir / ADAPTER), atomic.replacing_dir(options.run_dir / ADAPTER) as adapter:
             accelerator.unwrap_model(model).save_pretrained(adapter)
             tokenizer.save_pretrained(adapter)
-        with atomic.writing(options.run_dir / METRICS):
+        # metrics.json marks a finished run: a signal from here on lets it finish.
+        with lifecycle.commit(), atomic.writing(options.run_dir / METRICS):
             atomic.write_text(options.run_dir / METRICS, json.dumps(metrics, indent=2, default=str) + "\n")
     accelerator.end_training()
     return metrics
