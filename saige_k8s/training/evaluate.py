@@ -188,7 +188,10 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
     items = pair_items(dataset, settings.max_pairs) + suite_items(suite, metrics["format"])
     started = time.perf_counter()
     evaluator = Evaluator(train_spec, run_dir / ADAPTER, baseline_dir, settings.batch_size)
-    held_out = tokenize_all(evaluator.tokenizer, load_dataset_dir(dataset), "eval", train_spec.max_seq_len)
+    # The same eval examples training reported its eval loss on (train.max_eval_examples).
+    held_out = tokenize_all(
+        evaluator.tokenizer, load_dataset_dir(dataset), "eval", train_spec.max_seq_len, train_spec.max_eval_examples
+    )
     fmt, system = metrics["format"], metrics.get("system_prompt", "")
     scores = {which: evaluator.score(which, items, held_out, fmt, system) for which in ("candidate", "baseline")}
     comparison = paired_comparison(
