@@ -169,7 +169,11 @@ def _filter_options(func):  # noqa: ANN001 - a click decorator
 @_filter_options
 @click.option("--format", "fmt", type=_choices(FormatName), help="Chat format of the text column [default: tinyllama].")
 @click.option("--system-prompt", help="System prompt for formats with a system turn.")
-@click.option("--eval-fraction", type=float, help="Share of examples held out for eval, by id hash [default: 0.05].")
+@click.option(
+    "--eval-fraction",
+    type=float,
+    help="Share of prompts held out for eval (all answers to a prompt on one side) [default: 0.05].",
+)
 @_data_root_option("The dataset goes to DATA_ROOT/datasets/ID.", "--out")
 @click.option("--dataset-id", help="Name of the dataset directory [default: UTC timestamp + random suffix].")
 @click.option(

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import xxhash
 
-from saige_k8s.dataset.formats import ChatFormat, render_columns
+from saige_k8s.dataset.formats import ChatFormat, prompt_prefix, render_columns
 from saige_k8s.dataset.jsontext import JsonObject, too_deep, too_deep_mask
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES, SCORE_RANGE
@@ -307,11 +307,14 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     return judged if alive.all() else judged.filter(pa.array(alive))
 
 
-def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet) -> tuple[pa.RecordBatch, int]:
+def as_examples(
+    batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet
+) -> tuple[pa.RecordBatch, np.ndarray, int]:
     """Judged candidates (``judge_texts``, ``judge_scores``) -> (unique rows of the dataset's Parquet schema,
-    duplicates).
+    their prompts' hashes, duplicates).
 
-    Duplicates are dropped right after rendering, before the rest of the row is built.
+    Duplicates are dropped right after rendering, before the rest of the row is built. The
+    prompt hash decides the split, so every answer to one prompt lands on the same side.
     """
     turn, text = render_columns(
         fmt,
@@ -326,6 +329,7 @@ def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenS
     if duplicates:
         keep = pa.array(fresh)
         batch, turn, text = batch.filter(keep), turn.filter(keep), text.filter(keep)
+    prompt_keys = content_hashes(prompts(fmt, system, turn))
     response = batch.column("response")
     n = len(batch)
     has_system = fmt.system_open is not None and bool(system)
@@ -351,7 +355,7 @@ def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenS
         "difficulty": batch.column("difficulty"),
         "created_at": utc_timestamps(batch.column("created_at")),
     }
-    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), duplicates
+    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), prompt_keys, duplicates
 
 
 def utc_timestamps(values: pa.Array) -> pa.Array:
@@ -394,13 +398,24 @@ def content_hashes(text: pa.Array) -> np.ndarray:
     return np.fromiter((digest(data[a:b]) for a, b in itertools.pairwise(offsets)), dtype=np.uint64, count=len(text))
 
 
-def eval_mask(ids: pa.Array, eval_fraction: float) -> np.ndarray:
-    """Deterministic split: a row is in eval when the hash of its id falls below the fraction."""
+def eval_mask(keys: pa.Array | pa.ChunkedArray, eval_fraction: float) -> np.ndarray:
+    """Deterministic split: a row is in eval when the hash of its key (text) falls below the fraction."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    return in_eval(content_hashes(keys.cast(pa.string())), eval_fraction)
+
+
+def in_eval(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """The split of ``eval_mask`` from precomputed xxh3 hashes (a prompt's: ``prompt_hashes``)."""
     if eval_fraction <= 0:
-        return np.zeros(len(ids), dtype=bool)
-    digest = xxhash.xxh3_64_intdigest
-    hashes = np.fromiter((digest(s.encode()) for s in ids.to_pylist()), dtype=np.uint64, count=len(ids))
+        return np.zeros(len(hashes), dtype=bool)
     return hashes < np.uint64(int(eval_fraction * 2**64 - 1))
+
+
+def prompts(fmt: ChatFormat, system: str, turn: pa.Array) -> pa.Array:
+    """The rendered prompt of each row (the text up to its response): what the split and pairs key on."""
+    before, after = prompt_prefix(fmt, system)
+    return pc.binary_join_element_wise(before, turn, after, "")
 
 
 class SeenSet:

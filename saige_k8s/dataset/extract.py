@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
@@ -28,7 +29,7 @@ from saige_k8s.dataset.curate import (
     SeenSet,
     StageCounts,
     as_examples,
-    eval_mask,
+    in_eval,
     judge_scores,
     judge_texts,
 )
@@ -158,21 +159,21 @@ def _write_candidates(
             judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
             if request.strict and read.stage.first_invalid:
                 continue  # failing anyway: judge the rest only to report the true count
-            examples, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
+            examples, keys, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
             read.duplicates += duplicates
             if limit is not None and read.stats.rows + len(examples) >= limit:
                 keep = limit - read.stats.rows
                 read.cut = len(examples) - keep
                 read.reached_limit = True
-                _write(writer, read.stats, examples.slice(0, keep), request.eval_fraction)
+                _write(writer, read.stats, examples.slice(0, keep), in_eval(keys[:keep], request.eval_fraction))
                 break
-            _write(writer, read.stats, examples, request.eval_fraction)
+            _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
     return read
 
 
-def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, eval_fraction: float) -> None:
-    writer.write(examples, eval_mask(examples.column("id"), eval_fraction))
+def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
+    writer.write(examples, held_out)
     stats.add(examples)
 
 
