@@ -241,6 +241,7 @@ def extract(
         csv_path=csv_path,
         strict=spec.extract.strict if strict is None else strict,
         progress=True,
+        suite=[Path(p) for p in spec.evaluate.suite],
     )
     existing = existing_dataset(request.data_root, dataset_id) if reuse_existing and dataset_id else None
     if existing is not None:

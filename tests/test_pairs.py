@@ -95,3 +95,47 @@ def test_every_answer_to_a_prompt_is_on_one_side(tmp_path: Path) -> None:
 
     held = bool(eval_mask(pa.array([prompt]), 0.3)[0])
     assert sides[prompts[0]] == {"eval" if held else "train"}
+
+
+def test_suite_prompts_are_never_trained_on(tmp_path: Path) -> None:
+    from saige_k8s.dataset.suite import load_suite
+    from saige_k8s.experiences.demo import DemoOptions, create_database
+
+    db = tmp_path / "demo.db"
+    create_database(str(db), DemoOptions(rows=300, seed=0))
+    scenario = load_suite().scenarios[0]
+    with sqlite3.connect(db) as conn:
+        top = conn.execute("SELECT max(id) FROM experiences").fetchone()[0]
+        template = conn.execute("SELECT * FROM experiences WHERE buddhist_alignment = 'excellent' LIMIT 1").fetchone()
+        names = [d[1] for d in conn.execute("PRAGMA table_info(experiences)")]
+        for k, response in enumerate(("A fine answer.", "Another fine answer.")):
+            row = dict(zip(names, template, strict=True))
+            row |= {"id": top + 1 + k, "user_message": f"  {scenario.user}\n", "context": scenario.context_text()}
+            row |= {"response": response, "actual_harm": 0.01, "buddhist_weighted_score": 9.0}
+            conn.execute(f"INSERT INTO experiences VALUES ({', '.join('?' * len(names))})", list(row.values()))
+    path, manifest = _run(str(db), tmp_path / "out", eval_fraction=0.2)
+    assert manifest["removed"]["suite_prompt"] == 2
+    assert scenario.user not in {u.split("\n\n")[0] for u in _sides(path)}
+    steps = {s["step"]: s["removed"] for s in manifest["funnel"]}
+    assert steps["suite_prompt"] == 2
+    counts = manifest["counts"]
+    assert counts["scanned"] == (
+        counts["kept"]
+        + sum(manifest["invalid"].values())
+        + sum(manifest["removed"].values())
+        + counts["duplicates"]
+        + counts["beyond_limit"]
+    )
+
+
+def test_a_spec_suite_file_adds_prompts(tmp_path: Path) -> None:
+    extra = tmp_path / "mine.yaml"
+    extra.write_text(
+        "version: 1\nscenarios:\n  - id: mine-one\n    target: ahimsa\n    user: My own question?\n"
+        "    good: Kind.\n    bad: Cruel.\n"
+    )
+    db = _db(tmp_path / "t.db", [_row(1, "My own question?", "An answer."), _row(2, "Other question?", "Yes.")])
+    _, manifest = _run(db, tmp_path / "out", suite=[extra])
+    assert manifest["removed"]["suite_prompt"] == 1 and manifest["counts"]["kept"] == 1
+    _, without = _run(db, tmp_path / "plain")
+    assert without["removed"]["suite_prompt"] == 0 and without["counts"]["kept"] == 2

@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -307,14 +308,24 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     return judged if alive.all() else judged.filter(pa.array(alive))
 
 
-def as_examples(
-    batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet
-) -> tuple[pa.RecordBatch, np.ndarray, int]:
-    """Judged candidates (``judge_texts``, ``judge_scores``) -> (unique rows of the dataset's Parquet schema,
-    their prompts' hashes, duplicates).
+class Examples(NamedTuple):
+    """What ``as_examples`` made of a batch of judged candidates."""
 
-    Duplicates are dropped right after rendering, before the rest of the row is built. The
-    prompt hash decides the split, so every answer to one prompt lands on the same side.
+    #: Unique rows of the dataset's Parquet schema.
+    batch: pa.RecordBatch
+    #: Their prompts' hashes, which decide the split: every answer to one prompt lands on one side.
+    prompt_keys: np.ndarray
+    duplicates: int
+    #: Rows whose prompt is one of the evaluation suite's: never trained on.
+    suite: int
+
+
+def as_examples(
+    batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, excluded: pa.Array | None = None
+) -> Examples:
+    """Judged candidates (``judge_texts``, ``judge_scores``) -> examples, without ``excluded`` prompts.
+
+    Suite prompts and duplicates are dropped right after rendering, before the rest of the row is built.
     """
     turn, text = render_columns(
         fmt,
@@ -324,12 +335,19 @@ def as_examples(
         batch.column("response"),
         trimmed=True,
     )
+    prompt = prompts(fmt, system, turn)
+    suite = 0
+    if excluded is not None and len(excluded) and len(batch):
+        outside = pc.invert(pc.is_in(prompt, value_set=excluded))
+        suite = len(batch) - pc.sum(outside).as_py()
+        if suite:
+            batch, turn, text, prompt = (c.filter(outside) for c in (batch, turn, text, prompt))
     fresh = seen.first_occurrences(content_hashes(text))
     duplicates = len(fresh) - int(fresh.sum())
     if duplicates:
         keep = pa.array(fresh)
-        batch, turn, text = batch.filter(keep), turn.filter(keep), text.filter(keep)
-    prompt_keys = content_hashes(prompts(fmt, system, turn))
+        batch, turn, text, prompt = (c.filter(keep) for c in (batch, turn, text, prompt))
+    prompt_keys = content_hashes(prompt)
     response = batch.column("response")
     n = len(batch)
     has_system = fmt.system_open is not None and bool(system)
@@ -355,7 +373,7 @@ def as_examples(
         "difficulty": batch.column("difficulty"),
         "created_at": utc_timestamps(batch.column("created_at")),
     }
-    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), prompt_keys, duplicates
+    return Examples(pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), prompt_keys, duplicates, suite)
 
 
 def utc_timestamps(values: pa.Array) -> pa.Array:

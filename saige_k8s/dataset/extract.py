@@ -35,6 +35,7 @@ from saige_k8s.dataset.curate import (
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.stats import DatasetStats
+from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError
 from saige_k8s.experiences.filters import Filters
@@ -44,6 +45,8 @@ from saige_k8s.experiences.source import SourceTable, open_source, redact, resol
 from saige_k8s.lifecycle import check_stop
 
 log = logging.getLogger(__name__)
+#: The removal step of rows whose prompt is an evaluation suite scenario's (counted with the filters').
+SUITE_PROMPT = "suite_prompt"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class ExtractRequest:
     progress: bool = False
     #: False forces SQLAlchemy's cursor instead of ADBC (any database; slower).
     adbc: bool = True
+    #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
+    suite: tuple[Path, ...] | list[Path] = ()
 
 
 @dataclass
@@ -97,13 +102,14 @@ def extract(request: ExtractRequest) -> ExtractResult:
     url = resolve_url(request.db)
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
+    excluded = pa.array(sorted(load_suite(request.suite).prompts(FORMATS[request.format], request.system_prompt)))
     dataset_id = request.dataset_id or new_dataset_id()
     with DatasetWriter(
         request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path
     ) as writer:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel") as pool:
             funnel_future = pool.submit(_run_funnel, source, judgement, request.adbc)
-            read = _write_candidates(request, source, judgement, writer)
+            read = _write_candidates(request, source, judgement, writer, excluded)
             funnel = funnel_future.result()
         manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
         _check(request, source, judgement, manifest, read)
@@ -138,13 +144,15 @@ class _Read:
     stats: DatasetStats = field(default_factory=DatasetStats)
     fetched: int = 0
     duplicates: int = 0
+    #: Candidates whose prompt is an evaluation suite scenario's.
+    suite: int = 0
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
 
 
 def _write_candidates(
-    request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter
+    request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter, excluded: pa.Array
 ) -> _Read:
     fmt = FORMATS[request.format]
     read = _Read()
@@ -159,8 +167,9 @@ def _write_candidates(
             judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
             if request.strict and read.stage.first_invalid:
                 continue  # failing anyway: judge the rest only to report the true count
-            examples, keys, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
+            examples, keys, duplicates, suite = as_examples(judged, fmt, request.system_prompt, seen, excluded)
             read.duplicates += duplicates
+            read.suite += suite
             if limit is not None and read.stats.rows + len(examples) >= limit:
                 keep = limit - read.stats.rows
                 read.cut = len(examples) - keep
@@ -213,6 +222,7 @@ def _manifest(
             removed[label.split(":", 1)[1]] += n
     for name, n in read.stage.removed.items():
         removed[name] += n
+    removed[SUITE_PROMPT] = read.suite
     unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
     if not read.reached_limit and read.fetched != sql_candidates:
         log.warning(
