@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saige_k8s.dataset.extract import ExtractRequest, extract
@@ -58,7 +59,7 @@ def _db(path: Path, rows: list[dict]) -> str:
 
 def _run(db: str, root: Path, **kw: object) -> tuple[Path, dict]:
     result = extract(ExtractRequest(db=db, data_root=root, **kw))  # type: ignore[arg-type]
-    return result.path, result.manifest
+    return result.path, json.loads((result.path / "manifest.json").read_text())
 
 
 def _table(path: Path, name: str) -> pa.Table | None:
@@ -139,3 +140,133 @@ def test_a_spec_suite_file_adds_prompts(tmp_path: Path) -> None:
     assert manifest["removed"]["suite_prompt"] == 1 and manifest["counts"]["kept"] == 1
     _, without = _run(db, tmp_path / "plain")
     assert without["removed"]["suite_prompt"] == 0 and without["counts"]["kept"] == 2
+
+
+def _pair_rows() -> list[dict]:
+    low = dict.fromkeys(PRINCIPLES, 5.0)
+    return [
+        # Q1: chosen is the highest weighted kept row; rejected the lowest weighted removed one.
+        _row(1, "Q1?", "Good A.", buddhist_weighted_score=8.0),
+        _row(2, "Q1?", "Good B.", buddhist_weighted_score=9.0, actual_harm=0.2, scores={"sacca": 9, "panna": 9}),
+        _row(3, "Q1?", "Bad C.", buddhist_weighted_score=7.0, actual_harm=0.5),  # max_harm
+        _row(4, "Q1?", "Bad D.", buddhist_weighted_score=3.0, actual_harm=0.2, scores=low),  # min_buddhist in SQL
+        _row(5, "Q1?", "Broken.", buddhist_weighted_score=1.0, actual_harm=1.7),  # invalid: never in a pair
+        # Q2: ties: lower harm, then lower id for chosen; higher harm for rejected.
+        _row(6, "Q2?", "Fine.", buddhist_weighted_score=8.0, actual_harm=0.2),
+        _row(7, "Q2?", "Fine too.", buddhist_weighted_score=8.0, deception=0.1, harshness=0.1),
+        _row(8, "Q2?", "Fine as well.", buddhist_weighted_score=8.0),
+        _row(9, "Q2?", "Poor.", buddhist_weighted_score=5.0, buddhist_alignment="poor"),
+        _row(
+            10,
+            "Q2?",
+            "Poorer.",
+            buddhist_weighted_score=5.0,
+            actual_harm=0.25,
+            buddhist_alignment="poor",
+            deception=0.3,
+            harshness=0.3,
+            omission=0.5,
+            scores={"karuna": 2},
+        ),
+        _row(11, "Q3?", "Kept only."),  # no removed row: no pair
+        _row(12, "Q4?", "Same."),
+        _row(13, "Q4?", "  Same.\n", actual_harm=0.9),  # same answer once trimmed: no pair
+        _row(14, "Q5?", "Removed only.", actual_harm=0.9),
+        # Q6: the removed row's weighted score is computed from its principles (all 3), in Arrow.
+        _row(15, "Q6?", "Kept.", buddhist_weighted_score=7.0),
+        _row(16, "Q6?", "Low.", scores=dict.fromkeys(PRINCIPLES, 3.0)),
+    ]
+
+
+def test_pairs_are_exactly_the_best_kept_against_the_worst_removed(tmp_path: Path) -> None:
+    db = _db(tmp_path / "p.db", _pair_rows())
+    path, manifest = _run(db, tmp_path / "out")
+    table = pq.read_table(path / "pairs-train.parquet")
+    assert not (path / "pairs-eval.parquet").exists()
+    assert table.schema.names == [
+        "prompt",
+        "chosen",
+        "rejected",
+        "chosen_id",
+        "rejected_id",
+        "margin_weighted",
+        "margin_harm",
+        "principle",
+        "component",
+        "format",
+    ]
+    turn = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    assert [table.schema.field(c).type for c in ("prompt", "chosen", "rejected")] == [turn] * 3
+    assert table.schema.field("margin_weighted").type == pa.float64()
+    assert table.schema.field("chosen_id").type == pa.string() == table.schema.field("component").type
+    rows = table.to_pylist()
+    margins = ("margin_weighted", "margin_harm")
+    got = [
+        (r["chosen_id"], r["rejected_id"], *(round(r[m], 9) for m in margins), r["principle"], r["component"])
+        for r in rows
+    ]
+    assert got == [
+        ("2", "4", 6.0, 0.0, "sacca", None),
+        ("7", "10", 3.0, 0.15, "karuna", "deception"),
+        ("15", "16", 4.0, -0.0, "ahimsa", None),
+    ]
+    assert manifest["pairs"] == {"train": 3, "eval": 0}
+    assert manifest["files"]["pairs-train.parquet"]["rows"] == 3
+    first = rows[0]
+    assert first["prompt"] == [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": "Q1?"},
+    ]
+    assert first["chosen"] == [{"role": "assistant", "content": "Good B."}]
+    assert first["rejected"] == [{"role": "assistant", "content": "Bad D."}]
+    assert {r["format"] for r in rows} == {"tinyllama"}
+    # The SFT side is unchanged by pairs: same examples and counts with pairs off.
+    _, plain = _run(db, tmp_path / "plain", pairs=False)
+    assert plain["counts"] == manifest["counts"] and plain["removed"] == manifest["removed"]
+    assert plain["pairs"] == {"train": 0, "eval": 0}
+
+
+def test_pairs_loaded_as_a_dataset_in_trl_shape(tmp_path: Path) -> None:
+    datasets = __import__("pytest").importorskip("datasets")
+    db = _db(tmp_path / "p.db", _pair_rows())
+    path, _ = _run(db, tmp_path / "out", format="mistral")
+    loaded = datasets.load_dataset("parquet", data_files={"train": str(path / "pairs-train.parquet")})["train"]
+    assert loaded.num_rows == 3
+    row = loaded[0]
+    # Conversational preference format: prompt turns, then one assistant turn each side; no system in mistral.
+    assert [m["role"] for m in row["prompt"]] == ["user"]
+    assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
+
+
+def test_pairs_follow_their_prompts_split_and_limit_does_not_cut_them(tmp_path: Path) -> None:
+    rows = []
+    for k in range(80):
+        rows.append(_row(3 * k + 1, f"Prompt {k}?", f"Kind {k}.", buddhist_weighted_score=8.0))
+        rows.append(_row(3 * k + 2, f"Prompt {k}?", f"Harsh {k}.", actual_harm=0.6))
+        rows.append(_row(3 * k + 3, f"Prompt {k}?", f"Kind again {k}.", buddhist_weighted_score=7.0))
+    db = _db(tmp_path / "s.db", rows)
+    path, manifest = _run(db, tmp_path / "out", eval_fraction=0.4)
+    sides = _sides(path)
+    for split in ("train", "eval"):
+        for pair in pq.read_table(path / f"pairs-{split}.parquet").to_pylist():
+            assert sides[pair["prompt"][-1]["content"]] == {split}
+    assert manifest["pairs"]["train"] + manifest["pairs"]["eval"] == 80
+    assert manifest["pairs"]["eval"] > 0
+    from saige_k8s.experiences.filters import Filters
+
+    _, limited = _run(db, tmp_path / "limited", eval_fraction=0.4, filters=Filters.model_validate({"limit": 10}))
+    assert limited["counts"]["kept"] == 10
+    assert limited["pairs"] == manifest["pairs"]
+    assert limited["counts"]["scanned"] == manifest["counts"]["scanned"]
+
+
+def test_the_demo_reasks_its_prompts_so_it_has_pairs(tmp_path: Path) -> None:
+    from saige_k8s.experiences.demo import DemoOptions, create_database, generate
+
+    options = DemoOptions(rows=1500, seed=4)
+    assert list(generate(options)) == list(generate(options))  # deterministic by seed
+    create_database(str(tmp_path / "demo.db"), options)
+    path, manifest = _run(str(tmp_path / "demo.db"), tmp_path / "out", eval_fraction=0.1)
+    assert manifest["pairs"]["train"] > 50 and manifest["pairs"]["eval"] > 0
+    pairs = pq.read_table(path / "pairs-train.parquet")
+    assert (pc.greater(pairs.column("margin_weighted"), 0)).to_pylist().count(True) > len(pairs) / 2

@@ -283,6 +283,15 @@ def _deep_json(contexts: pa.Array) -> np.ndarray:
 
 def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> pa.RecordBatch:
     """Drop candidates whose scores are unusable or too low; add principle columns and weighted."""
+    judged, passes = score_rows(batch, filters, counts)
+    return judged if passes.all() else judged.filter(pa.array(passes))
+
+
+def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> tuple[pa.RecordBatch, np.ndarray]:
+    """(rows with usable scores, with principle columns and weighted, mask of those passing the filters).
+
+    Preference pairs need the rows a score filter removes, so they are returned, marked.
+    """
     values, malformed = parse_scores(batch.column("buddhist_scores"))
     missing = np.isnan(values).any(axis=1) & ~malformed
     with np.errstate(invalid="ignore"):
@@ -300,12 +309,15 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
         hit = alive & failing
         counts.removed[name] = counts.removed.get(name, 0) + int(hit.sum())
         alive &= ~hit
+    usable = ~(malformed | missing | out_of_range)
     columns = {name: batch.column(name) for name in batch.schema.names}
     columns["buddhist_weighted_score"] = pa.array(weighted)
     for k, p in enumerate(PRINCIPLES):
         columns[p] = pa.array(values[:, k])
     judged = pa.RecordBatch.from_pydict(columns)
-    return judged if alive.all() else judged.filter(pa.array(alive))
+    if usable.all():
+        return judged, alive
+    return judged.filter(pa.array(usable)), alive[usable]
 
 
 class Examples(NamedTuple):
@@ -348,21 +360,8 @@ def as_examples(
         keep = pa.array(fresh)
         batch, turn, text, prompt = (c.filter(keep) for c in (batch, turn, text, prompt))
     prompt_keys = content_hashes(prompt)
-    response = batch.column("response")
+    messages = conversations(fmt, system, turn, batch.column("response"))
     n = len(batch)
-    has_system = fmt.system_open is not None and bool(system)
-    per_row = 3 if has_system else 2
-    roles = (["system"] if has_system else []) + ["user", "assistant"]
-    contents = [pa.array([system] * n, pa.string())] if has_system else []
-    contents += [turn, response]
-    # Interleave per row: (system?, user, assistant) for row 0, then row 1, ...
-    order = np.arange(n * per_row).reshape(per_row, n).T.reshape(-1) if n else np.zeros(0, dtype=np.int64)
-    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(pa.array(order))
-    role = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
-    messages = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n * per_row + 1, per_row, dtype=np.int32)),
-        pa.StructArray.from_arrays([role, content], fields=list(MESSAGE_TYPE.value_type)),
-    )
     columns = {
         "id": batch.column("id").cast(pa.string()),
         "messages": messages,
@@ -374,6 +373,30 @@ def as_examples(
         "created_at": utc_timestamps(batch.column("created_at")),
     }
     return Examples(pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), prompt_keys, duplicates, suite)
+
+
+def conversations(fmt: ChatFormat, system: str, *turns: pa.Array) -> pa.ListArray:
+    """Per row, the messages (system?, user, assistant, ...) whose contents are ``turns``: the ``messages`` column."""
+    n = len(turns[0])
+    has_system = fmt.system_open is not None and bool(system)
+    roles = (["system"] if has_system else []) + ["user", "assistant", "user"][: len(turns)]
+    per_row = len(roles)
+    contents = [pa.array([system] * n, pa.string())] if has_system else []
+    contents += list(turns)
+    # Interleave per row: (system?, user, assistant) for row 0, then row 1, ...
+    order = np.arange(n * per_row).reshape(per_row, n).T.reshape(-1) if n else np.zeros(0, dtype=np.int64)
+    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(pa.array(order))
+    return messages_of(roles, content, n)
+
+
+def messages_of(roles: list[str], content: pa.Array, n: int) -> pa.ListArray:
+    """``n`` lists of ``len(roles)`` messages each, ``content`` row-major."""
+    per_row = len(roles)
+    role = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * per_row + 1, per_row, dtype=np.int32)),
+        pa.StructArray.from_arrays([role, content], fields=list(MESSAGE_TYPE.value_type)),
+    )
 
 
 def utc_timestamps(values: pa.Array) -> pa.Array:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from saige_k8s import __version__
@@ -30,10 +31,11 @@ from saige_k8s.dataset.curate import (
     StageCounts,
     as_examples,
     in_eval,
-    judge_scores,
     judge_texts,
+    score_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
+from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats
 from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
@@ -66,6 +68,8 @@ class ExtractRequest:
     progress: bool = False
     #: False forces SQLAlchemy's cursor instead of ADBC (any database; slower).
     adbc: bool = True
+    #: Preference pairs (pairs-{train,eval}.parquet) beside the examples.
+    pairs: bool = True
     #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
     suite: tuple[Path, ...] | list[Path] = ()
 
@@ -146,6 +150,10 @@ class _Read:
     duplicates: int = 0
     #: Candidates whose prompt is an evaluation suite scenario's.
     suite: int = 0
+    #: Rows streamed in all (with pairs, the rows filters removed too).
+    streamed: int = 0
+    #: Preference pairs written, by split.
+    pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
@@ -154,17 +162,38 @@ class _Read:
 def _write_candidates(
     request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter, excluded: pa.Array
 ) -> _Read:
+    """Stream the rows once: candidates become examples; with pairs, every valid row feeds the pairs too.
+
+    Past --limit the stream goes on for pairs only, uncounted: the counts stay those of a
+    read that stopped there.
+    """
     fmt = FORMATS[request.format]
     read = _Read()
     seen = SeenSet()
     limit = request.filters.limit
     progress = _progress(request.progress)
-    with stream(source.url, rows_query(judgement, source.id_is_integer), request.adbc) as batches:
+    pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
+    uncounted = StageCounts()  # rows judged for pairs only: their counts are the funnel's or past the limit
+    query = rows_query(judgement, source.id_is_integer, with_removed=pairs is not None)
+    with stream(source.url, query, request.adbc) as batches:
         for raw in batches:
             check_stop()
-            read.fetched += len(raw)
             progress.update(len(raw))
-            judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
+            candidates = raw
+            if pairs is not None:
+                raw = raw.append_column("seq", pa.array(np.arange(read.streamed, read.streamed + len(raw))))  # noqa: PLW2901
+                read.streamed += len(raw)
+                passed = pc.equal(raw.column("verdict"), judgement.candidate)
+                candidates = raw.filter(passed)
+                _add_pairs(pairs, raw.filter(pc.invert(passed)), request, uncounted, None)
+                if read.reached_limit:
+                    _add_pairs(pairs, candidates, request, uncounted, True)
+                    continue
+            read.fetched += len(candidates)
+            scored, passes = score_rows(judge_texts(candidates, read.stage), request.filters, read.stage)
+            if pairs is not None:
+                pairs.add(scored, passes)
+            judged = scored if passes.all() else scored.filter(pa.array(passes))
             if request.strict and read.stage.first_invalid:
                 continue  # failing anyway: judge the rest only to report the true count
             examples, keys, duplicates, suite = as_examples(judged, fmt, request.system_prompt, seen, excluded)
@@ -175,10 +204,23 @@ def _write_candidates(
                 read.cut = len(examples) - keep
                 read.reached_limit = True
                 _write(writer, read.stats, examples.slice(0, keep), in_eval(keys[:keep], request.eval_fraction))
-                break
+                if pairs is None:
+                    break
+                continue
             _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
+    if pairs is not None:
+        table, keys = pairs.pairs()
+        read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
     return read
+
+
+def _add_pairs(
+    pairs: PairBuilder, rows: pa.RecordBatch, request: ExtractRequest, counts: StageCounts, kept: bool | None
+) -> None:
+    """Judge rows for pairs only; ``kept`` None: removed by a filter in SQL (none passes), else by the filters here."""
+    scored, passes = score_rows(judge_texts(rows, counts), request.filters, counts)
+    pairs.add(scored, passes if kept else np.zeros(len(scored), dtype=bool))
 
 
 def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
@@ -273,6 +315,7 @@ def _manifest(
         },
         "invalid": invalid,
         "removed": removed,
+        "pairs": dict(read.pairs),
         "funnel": funnel_steps,
         "stats": stats.as_dict(),
         "source_stats": source_stats,
