@@ -270,3 +270,38 @@ def test_the_demo_reasks_its_prompts_so_it_has_pairs(tmp_path: Path) -> None:
     assert manifest["pairs"]["train"] > 50 and manifest["pairs"]["eval"] > 0
     pairs = pq.read_table(path / "pairs-train.parquet")
     assert (pc.greater(pairs.column("margin_weighted"), 0)).to_pylist().count(True) > len(pairs) / 2
+
+
+def test_cli_spec_suite_files_and_a_bad_one(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    db = _db(tmp_path / "t.db", [_row(1, "My own question?", "An answer."), _row(2, "Other question?", "Yes.")])
+    extra = tmp_path / "mine.yaml"
+    extra.write_text(
+        "version: 1\nscenarios:\n  - id: mine-one\n    target: ahimsa\n    user: My own question?\n"
+        "    good: Kind.\n    bad: Cruel.\n"
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({"evaluate": {"suite": [str(extra)]}}))
+    ok = run_cli("extract", "-f", spec, "--db", db, "--data-root", tmp_path / "out", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["kept"] == 1
+    spec.write_text(json.dumps({"evaluate": {"suite": [str(tmp_path / "missing.yaml")]}}))
+    bad = run_cli("extract", "-f", spec, "--db", db, "--data-root", tmp_path / "bad", "--json")
+    assert bad.exit_code == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "missing.yaml" in bad.stderr
+    assert not (tmp_path / "bad" / "datasets").exists()
+
+
+def test_no_examples_because_of_the_suite_says_so(tmp_path: Path) -> None:
+    from saige_k8s.dataset.suite import load_suite
+    from saige_k8s.errors import NoExamplesError
+
+    scenario = load_suite().scenarios[0]
+    db = _db(tmp_path / "t.db", [_row(1, scenario.user, "An answer.", context=scenario.context_text())])
+    try:
+        _run(db, tmp_path / "out")
+    except NoExamplesError as exc:
+        assert "evaluation suite" in str(exc) and "suite_prompt -1" in str(exc)
+    else:
+        raise AssertionError("expected NoExamplesError")

@@ -1,8 +1,10 @@
 """The extract step: experience database -> curated SFT dataset on the shared volume.
 
 Two queries run side by side: the funnel (every row's verdict, counted by the database) on
-a worker thread, and the candidates (streamed as Arrow) on this one, which judges their
-scores, renders, deduplicates, splits and writes them while the database keeps reading.
+a worker thread, and the rows (streamed as Arrow) on this one, which judges the candidates'
+scores, renders, deduplicates, splits and writes them while the database keeps reading. With
+preference pairs the same stream also brings the rows a filter removed, marked by their
+verdict, so the pairs cost no second read of the table.
 """
 
 from __future__ import annotations
