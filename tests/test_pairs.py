@@ -305,3 +305,11 @@ def test_no_examples_because_of_the_suite_says_so(tmp_path: Path) -> None:
         assert "evaluation suite" in str(exc) and "suite_prompt -1" in str(exc)
     else:
         raise AssertionError("expected NoExamplesError")
+
+
+def test_pairs_are_the_same_on_postgresql(demo_sqlite: str, demo_postgres: str, tmp_path: Path) -> None:
+    lite, _ = _run(demo_sqlite, tmp_path / "lite", eval_fraction=0.2)
+    pg, _ = _run(demo_postgres, tmp_path / "pg", eval_fraction=0.2)
+    for name in ("pairs-train.parquet", "pairs-eval.parquet"):
+        assert pq.read_table(lite / name).to_pylist() == pq.read_table(pg / name).to_pylist()
+    assert pq.read_table(lite / "pairs-train.parquet").num_rows > 0
