@@ -283,11 +283,11 @@ def test_cli_spec_suite_files_and_a_bad_one(tmp_path: Path) -> None:
     )
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({"evaluate": {"suite": [str(extra)]}}))
-    ok = run_cli("extract", "-f", spec, "--db", db, "--data-root", tmp_path / "out", "--json")
+    ok = run_cli("extract", "-f", str(spec), "--db", db, "--data-root", str(tmp_path / "out"), "--json")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout.strip().splitlines()[-1])["kept"] == 1
     spec.write_text(json.dumps({"evaluate": {"suite": [str(tmp_path / "missing.yaml")]}}))
-    bad = run_cli("extract", "-f", spec, "--db", db, "--data-root", tmp_path / "bad", "--json")
+    bad = run_cli("extract", "-f", str(spec), "--db", db, "--data-root", str(tmp_path / "bad"), "--json")
     assert bad.exit_code == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "missing.yaml" in bad.stderr
     assert not (tmp_path / "bad" / "datasets").exists()
