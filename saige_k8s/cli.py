@@ -179,7 +179,11 @@ def _filter_options(func):  # noqa: ANN001 - a click decorator
 @_filter_options
 @click.option("--format", "fmt", type=_choices(FormatName), help="Chat format of the text column [default: tinyllama].")
 @click.option("--system-prompt", help="System prompt for formats with a system turn.")
-@click.option("--eval-fraction", type=float, help="Share of examples held out for eval, by id hash [default: 0.05].")
+@click.option(
+    "--eval-fraction",
+    type=float,
+    help="Share of prompts held out for eval (all answers to a prompt on one side) [default: 0.05].",
+)
 @_data_root_option("The dataset goes to DATA_ROOT/datasets/ID.", "--out")
 @click.option("--dataset-id", help="Name of the dataset directory [default: UTC timestamp + random suffix].")
 @click.option(
@@ -247,6 +251,7 @@ def extract(
         csv_path=csv_path,
         strict=spec.extract.strict if strict is None else strict,
         progress=True,
+        suite=[Path(p) for p in spec.evaluate.suite],
     )
     existing = existing_dataset(request.data_root, dataset_id) if reuse_existing and dataset_id else None
     if existing is not None:

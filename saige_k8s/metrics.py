@@ -84,6 +84,13 @@ class ExtractionCollector(Collector):
             "split",
             {"train": counts["train"], "eval": counts["eval"]},
         )
+        yield _labelled(
+            GaugeMetricFamily,
+            "saige_dataset_pairs",
+            "Preference pairs in the newest dataset by split.",
+            "split",
+            m.get("pairs") or {"train": 0, "eval": 0},
+        )
         if self.min_examples is not None:
             yield GaugeMetricFamily(
                 "saige_dataset_min_examples",
@@ -417,6 +424,7 @@ _SAMPLE_MANIFEST: dict[str, Any] = {
     "counts": {"scanned": 2, "kept": 1, "duplicates": 0, "train": 1, "eval": 0},
     "invalid": {"sample": 1},
     "removed": {"sample": 0},
+    "pairs": {"train": 1, "eval": 0},
     "stats": {
         "rows": 1,
         "actual_harm": _SUMMARY,

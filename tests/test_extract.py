@@ -166,9 +166,9 @@ def test_loads_with_hugging_face_datasets(demo_sqlite: str, tmp_path: Path) -> N
     assert first["text"].startswith("<|begin_of_text|>")
 
 
-def test_split_is_deterministic_by_id(demo_sqlite: str, tmp_path: Path) -> None:
+def test_split_is_deterministic_by_prompt(demo_sqlite: str, tmp_path: Path) -> None:
     one = _extract(demo_sqlite, tmp_path / "a", "--eval-fraction", "0.25")
-    two = _extract(demo_sqlite, tmp_path / "b", "--eval-fraction", "0.25", "--format", "mistral")
+    two = _extract(demo_sqlite, tmp_path / "b", "--eval-fraction", "0.25")
     eval_one = {r["id"] for r in pq.read_table(Path(one["_path"]) / "eval.parquet").to_pylist()}
     eval_two = {r["id"] for r in pq.read_table(Path(two["_path"]) / "eval.parquet").to_pylist()}
     assert eval_one == eval_two

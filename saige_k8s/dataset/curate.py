@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import xxhash
 
-from saige_k8s.dataset.formats import ChatFormat, render_columns
+from saige_k8s.dataset.formats import ChatFormat, prompt_prefix, render_columns
 from saige_k8s.dataset.jsontext import JsonObject, too_deep, too_deep_mask
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES, SCORE_RANGE
@@ -282,6 +283,15 @@ def _deep_json(contexts: pa.Array) -> np.ndarray:
 
 def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> pa.RecordBatch:
     """Drop candidates whose scores are unusable or too low; add principle columns and weighted."""
+    judged, passes = score_rows(batch, filters, counts)
+    return judged if passes.all() else judged.filter(pa.array(passes))
+
+
+def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> tuple[pa.RecordBatch, np.ndarray]:
+    """(rows with usable scores, with principle columns and weighted, mask of those passing the filters).
+
+    Preference pairs need the rows a score filter removes, so they are returned, marked.
+    """
     values, malformed = parse_scores(batch.column("buddhist_scores"))
     missing = np.isnan(values).any(axis=1) & ~malformed
     with np.errstate(invalid="ignore"):
@@ -299,19 +309,35 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
         hit = alive & failing
         counts.removed[name] = counts.removed.get(name, 0) + int(hit.sum())
         alive &= ~hit
+    usable = ~(malformed | missing | out_of_range)
     columns = {name: batch.column(name) for name in batch.schema.names}
     columns["buddhist_weighted_score"] = pa.array(weighted)
     for k, p in enumerate(PRINCIPLES):
         columns[p] = pa.array(values[:, k])
     judged = pa.RecordBatch.from_pydict(columns)
-    return judged if alive.all() else judged.filter(pa.array(alive))
+    if usable.all():
+        return judged, alive
+    return judged.filter(pa.array(usable)), alive[usable]
 
 
-def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet) -> tuple[pa.RecordBatch, int]:
-    """Judged candidates (``judge_texts``, ``judge_scores``) -> (unique rows of the dataset's Parquet schema,
-    duplicates).
+class Examples(NamedTuple):
+    """What ``as_examples`` made of a batch of judged candidates."""
 
-    Duplicates are dropped right after rendering, before the rest of the row is built.
+    #: Unique rows of the dataset's Parquet schema.
+    batch: pa.RecordBatch
+    #: Their prompts' hashes, which decide the split: every answer to one prompt lands on one side.
+    prompt_keys: np.ndarray
+    duplicates: int
+    #: Rows whose prompt is one of the evaluation suite's: never trained on.
+    suite: int
+
+
+def as_examples(
+    batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, excluded: pa.Array | None = None
+) -> Examples:
+    """Judged candidates (``judge_texts``, ``judge_scores``) -> examples, without ``excluded`` prompts.
+
+    Suite prompts and duplicates are dropped right after rendering, before the rest of the row is built.
     """
     turn, text = render_columns(
         fmt,
@@ -321,26 +347,21 @@ def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenS
         batch.column("response"),
         trimmed=True,
     )
+    prompt = prompts(fmt, system, turn)
+    suite = 0
+    if excluded is not None and len(excluded) and len(batch):
+        outside = pc.invert(pc.is_in(prompt, value_set=excluded))
+        suite = len(batch) - pc.sum(outside).as_py()
+        if suite:
+            batch, turn, text, prompt = (c.filter(outside) for c in (batch, turn, text, prompt))
     fresh = seen.first_occurrences(content_hashes(text))
     duplicates = len(fresh) - int(fresh.sum())
     if duplicates:
         keep = pa.array(fresh)
-        batch, turn, text = batch.filter(keep), turn.filter(keep), text.filter(keep)
-    response = batch.column("response")
+        batch, turn, text, prompt = (c.filter(keep) for c in (batch, turn, text, prompt))
+    prompt_keys = content_hashes(prompt)
+    messages = conversations(fmt, system, turn, batch.column("response"))
     n = len(batch)
-    has_system = fmt.system_open is not None and bool(system)
-    per_row = 3 if has_system else 2
-    roles = (["system"] if has_system else []) + ["user", "assistant"]
-    contents = [pa.array([system] * n, pa.string())] if has_system else []
-    contents += [turn, response]
-    # Interleave per row: (system?, user, assistant) for row 0, then row 1, ...
-    order = np.arange(n * per_row).reshape(per_row, n).T.reshape(-1) if n else np.zeros(0, dtype=np.int64)
-    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(pa.array(order))
-    role = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
-    messages = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n * per_row + 1, per_row, dtype=np.int32)),
-        pa.StructArray.from_arrays([role, content], fields=list(MESSAGE_TYPE.value_type)),
-    )
     columns = {
         "id": batch.column("id").cast(pa.string()),
         "messages": messages,
@@ -351,7 +372,31 @@ def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenS
         "difficulty": batch.column("difficulty"),
         "created_at": utc_timestamps(batch.column("created_at")),
     }
-    return pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), duplicates
+    return Examples(pa.RecordBatch.from_pydict(columns, schema=OUTPUT_SCHEMA), prompt_keys, duplicates, suite)
+
+
+def conversations(fmt: ChatFormat, system: str, *turns: pa.Array) -> pa.ListArray:
+    """Per row, the messages (system?, user, assistant, ...) whose contents are ``turns``: the ``messages`` column."""
+    n = len(turns[0])
+    has_system = fmt.system_open is not None and bool(system)
+    roles = (["system"] if has_system else []) + ["user", "assistant", "user"][: len(turns)]
+    per_row = len(roles)
+    contents = [pa.array([system] * n, pa.string())] if has_system else []
+    contents += list(turns)
+    # Interleave per row: (system?, user, assistant) for row 0, then row 1, ...
+    order = np.arange(n * per_row).reshape(per_row, n).T.reshape(-1) if n else np.zeros(0, dtype=np.int64)
+    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(pa.array(order))
+    return messages_of(roles, content, n)
+
+
+def messages_of(roles: list[str], content: pa.Array, n: int) -> pa.ListArray:
+    """``n`` lists of ``len(roles)`` messages each, ``content`` row-major."""
+    per_row = len(roles)
+    role = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * per_row + 1, per_row, dtype=np.int32)),
+        pa.StructArray.from_arrays([role, content], fields=list(MESSAGE_TYPE.value_type)),
+    )
 
 
 def utc_timestamps(values: pa.Array) -> pa.Array:
@@ -394,13 +439,24 @@ def content_hashes(text: pa.Array) -> np.ndarray:
     return np.fromiter((digest(data[a:b]) for a, b in itertools.pairwise(offsets)), dtype=np.uint64, count=len(text))
 
 
-def eval_mask(ids: pa.Array, eval_fraction: float) -> np.ndarray:
-    """Deterministic split: a row is in eval when the hash of its id falls below the fraction."""
+def eval_mask(keys: pa.Array | pa.ChunkedArray, eval_fraction: float) -> np.ndarray:
+    """Deterministic split: a row is in eval when the hash of its key (text) falls below the fraction."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    return in_eval(content_hashes(keys.cast(pa.string())), eval_fraction)
+
+
+def in_eval(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """The split of ``eval_mask`` from precomputed xxh3 hashes (a prompt's: ``prompt_hashes``)."""
     if eval_fraction <= 0:
-        return np.zeros(len(ids), dtype=bool)
-    digest = xxhash.xxh3_64_intdigest
-    hashes = np.fromiter((digest(s.encode()) for s in ids.to_pylist()), dtype=np.uint64, count=len(ids))
+        return np.zeros(len(hashes), dtype=bool)
     return hashes < np.uint64(int(eval_fraction * 2**64 - 1))
+
+
+def prompts(fmt: ChatFormat, system: str, turn: pa.Array) -> pa.Array:
+    """The rendered prompt of each row (the text up to its response): what the split and pairs key on."""
+    before, after = prompt_prefix(fmt, system)
+    return pc.binary_join_element_wise(before, turn, after, "")
 
 
 class SeenSet:

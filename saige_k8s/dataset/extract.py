@@ -1,8 +1,10 @@
 """The extract step: experience database -> curated SFT dataset on the shared volume.
 
 Two queries run side by side: the funnel (every row's verdict, counted by the database) on
-a worker thread, and the candidates (streamed as Arrow) on this one, which judges their
-scores, renders, deduplicates, splits and writes them while the database keeps reading.
+a worker thread, and the rows (streamed as Arrow) on this one, which judges the candidates'
+scores, renders, deduplicates, splits and writes them while the database keeps reading. With
+preference pairs the same stream also brings the rows a filter removed, marked by their
+verdict, so the pairs cost no second read of the table.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from saige_k8s import __version__, lifecycle
@@ -29,12 +33,14 @@ from saige_k8s.dataset.curate import (
     SeenSet,
     StageCounts,
     as_examples,
-    eval_mask,
-    judge_scores,
+    in_eval,
     judge_texts,
+    score_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
+from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats
+from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError, RuntimeFailure
 from saige_k8s.experiences.filters import Filters
@@ -44,6 +50,8 @@ from saige_k8s.experiences.source import SourceTable, open_source, redact, resol
 from saige_k8s.lifecycle import check_stop
 
 log = logging.getLogger(__name__)
+#: The removal step of rows whose prompt is an evaluation suite scenario's (counted with the filters').
+SUITE_PROMPT = "suite_prompt"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,10 @@ class ExtractRequest:
     adbc: bool = True
     #: Called with the manifest and the unpublished directory, to add files (metrics.prom).
     before_publish: Callable[[dict[str, Any], Path], object] | None = None
+    #: Preference pairs (pairs-{train,eval}.parquet) beside the examples.
+    pairs: bool = True
+    #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
+    suite: tuple[Path, ...] | list[Path] = ()
 
 
 @dataclass
@@ -99,6 +111,7 @@ def extract(request: ExtractRequest) -> ExtractResult:
     url = resolve_url(request.db)
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
+    excluded = pa.array(sorted(load_suite(request.suite).prompts(FORMATS[request.format], request.system_prompt)))
     dataset_id = request.dataset_id or new_dataset_id()
     try:
         with DatasetWriter(
@@ -106,7 +119,7 @@ def extract(request: ExtractRequest) -> ExtractResult:
         ) as writer:
             funnel_future = _in_background(_run_funnel, source, judgement, request.adbc)
             try:
-                read = _write_candidates(request, source, judgement, writer)
+                read = _write_candidates(request, source, judgement, writer, excluded)
                 funnel = funnel_future.result()
             except BaseException:
                 lifecycle.cancel_running()  # the funnel's query, if it still runs
@@ -163,42 +176,83 @@ class _Read:
     stats: DatasetStats = field(default_factory=DatasetStats)
     fetched: int = 0
     duplicates: int = 0
+    #: Candidates whose prompt is an evaluation suite scenario's.
+    suite: int = 0
+    #: Rows streamed in all (with pairs, the rows filters removed too).
+    streamed: int = 0
+    #: Preference pairs written, by split.
+    pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
 
 
 def _write_candidates(
-    request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter
+    request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter, excluded: pa.Array
 ) -> _Read:
+    """Stream the rows once: candidates become examples; with pairs, every valid row feeds the pairs too.
+
+    Past --limit the stream goes on for pairs only, uncounted: the counts stay those of a
+    read that stopped there.
+    """
     fmt = FORMATS[request.format]
     read = _Read()
     seen = SeenSet()
     limit = request.filters.limit
     progress = _progress(request.progress)
-    with stream(source.url, rows_query(judgement, source.id_is_integer), request.adbc) as batches:
+    pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
+    uncounted = StageCounts()  # rows judged for pairs only: their counts are the funnel's or past the limit
+    query = rows_query(judgement, source.id_is_integer, with_removed=pairs is not None)
+    with stream(source.url, query, request.adbc) as batches:
         for raw in batches:
             check_stop()
-            read.fetched += len(raw)
             progress.update(len(raw))
-            judged = judge_scores(judge_texts(raw, read.stage), request.filters, read.stage)
+            candidates = raw
+            if pairs is not None:
+                raw = raw.append_column("seq", pa.array(np.arange(read.streamed, read.streamed + len(raw))))  # noqa: PLW2901
+                read.streamed += len(raw)
+                passed = pc.equal(raw.column("verdict"), judgement.candidate)
+                candidates = raw.filter(passed)
+                _add_pairs(pairs, raw.filter(pc.invert(passed)), request, uncounted, None)
+                if read.reached_limit:
+                    _add_pairs(pairs, candidates, request, uncounted, True)
+                    continue
+            read.fetched += len(candidates)
+            scored, passes = score_rows(judge_texts(candidates, read.stage), request.filters, read.stage)
+            if pairs is not None:
+                pairs.add(scored, passes)
+            judged = scored if passes.all() else scored.filter(pa.array(passes))
             if request.strict and read.stage.first_invalid:
                 continue  # failing anyway: judge the rest only to report the true count
-            examples, duplicates = as_examples(judged, fmt, request.system_prompt, seen)
+            examples, keys, duplicates, suite = as_examples(judged, fmt, request.system_prompt, seen, excluded)
             read.duplicates += duplicates
+            read.suite += suite
             if limit is not None and read.stats.rows + len(examples) >= limit:
                 keep = limit - read.stats.rows
                 read.cut = len(examples) - keep
                 read.reached_limit = True
-                _write(writer, read.stats, examples.slice(0, keep), request.eval_fraction)
-                break
-            _write(writer, read.stats, examples, request.eval_fraction)
+                _write(writer, read.stats, examples.slice(0, keep), in_eval(keys[:keep], request.eval_fraction))
+                if pairs is None:
+                    break
+                continue
+            _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
+    if pairs is not None:
+        table, keys = pairs.pairs()
+        read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
     return read
 
 
-def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, eval_fraction: float) -> None:
-    writer.write(examples, eval_mask(examples.column("id"), eval_fraction))
+def _add_pairs(
+    pairs: PairBuilder, rows: pa.RecordBatch, request: ExtractRequest, counts: StageCounts, kept: bool | None
+) -> None:
+    """Judge rows for pairs only; ``kept`` None: removed by a filter in SQL (none passes), else by the filters here."""
+    scored, passes = score_rows(judge_texts(rows, counts), request.filters, counts)
+    pairs.add(scored, passes if kept else np.zeros(len(scored), dtype=bool))
+
+
+def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
+    writer.write(examples, held_out)
     stats.add(examples)
 
 
@@ -238,6 +292,7 @@ def _manifest(
             removed[label.split(":", 1)[1]] += n
     for name, n in read.stage.removed.items():
         removed[name] += n
+    removed[SUITE_PROMPT] = read.suite
     unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
     if not read.reached_limit and read.fetched != sql_candidates:
         log.warning(
@@ -288,6 +343,7 @@ def _manifest(
         },
         "invalid": invalid,
         "removed": removed,
+        "pairs": dict(read.pairs),
         "funnel": funnel_steps,
         "stats": stats.as_dict(),
         "source_stats": source_stats,

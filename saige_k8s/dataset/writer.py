@@ -120,6 +120,9 @@ class DatasetWriter:
             self.abort()
             raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
         self.rows = {"train": 0, "eval": 0}
+        #: Other files of the dataset (preference pairs): name -> rows.
+        self.extra: dict[str, int] = {}
+        self._with_eval = with_eval
         # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
         # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
         try:
@@ -155,6 +158,19 @@ class DatasetWriter:
         if self._csv is not None:
             self._csv.write_batch(batch.select(list(CSV_COLUMNS)))
 
+    def write_pairs(self, pairs: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
+        """``pairs-train.parquet`` (and ``pairs-eval.parquet`` with an eval split) into the unpublished directory."""
+        parts = {"train": pairs.filter(pa.array(~in_eval)), "eval": pairs.filter(pa.array(in_eval))}
+        counts = {}
+        for split, part in parts.items():
+            counts[split] = len(part)
+            if split == "eval" and not self._with_eval:
+                continue
+            name = f"pairs-{split}.parquet"
+            pq.write_table(part, self.tmp / name, compression="zstd", compression_level=1)
+            self.extra[name] = len(part)
+        return counts
+
     def _drain(self) -> None:
         if not hasattr(self, "_pool"):
             return
@@ -181,13 +197,14 @@ class DatasetWriter:
             "files": {
                 f"{split}.parquet": {"rows": self.rows[split], "bytes": (self.tmp / f"{split}.parquet").stat().st_size}
                 for split in self._writers
-            },
+            }
+            | {name: {"rows": rows, "bytes": (self.tmp / name).stat().st_size} for name, rows in self.extra.items()},
         }
         if before is not None:
             before(manifest, self.tmp)
         _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-        for name in self._writers:
-            _fsync(self.tmp / f"{name}.parquet")
+        for name in [*(f"{split}.parquet" for split in self._writers), *self.extra]:
+            _fsync(self.tmp / name)
         self._latest_lock = hold_lock(self._latest_tmp)
         _write_synced(self._latest_tmp, self.dataset_id + "\n")
         (self.tmp / LOCK).unlink()

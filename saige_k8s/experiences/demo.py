@@ -6,7 +6,9 @@ The demo, the tests and the benchmarks all run on it. Deterministic per seed: th
 What it models: an alignment mix skewed towards good answers, harm and virtue that move
 together (better-aligned answers are less harmful and score higher on every principle),
 responses from a few words to a few KB, JSON and free-text contexts, NULL harm components
-and NULL weighted scores (to be computed from the principles), exact duplicates, and a
+and NULL weighted scores (to be computed from the principles), exact duplicates, prompts asked
+again (SAIGE re-asks its scenarios: a new answer of its own quality to an earlier row's
+message and context, which gives the dataset its preference pairs), and a
 small share of rows that cannot be used (each kind of defect the extractor must count).
 """
 
@@ -100,6 +102,8 @@ class DemoOptions:
     defect_share: float = 0.02
     #: Share of rows that exactly repeat an earlier row's message, context and response.
     duplicate_share: float = 0.02
+    #: Share of rows that ask an earlier row's message and context again, answered anew.
+    reask_share: float = 0.3
     #: Median response length in bytes; lengths are log-normal (a few words to a few KB).
     response_median_bytes: int = 420
     start: dt.datetime = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -139,9 +143,12 @@ def generate(options: DemoOptions, batch_rows: int = 50_000) -> Iterator[list[tu
     corpus, sentence_starts = _corpus(rng, 1 << 20)
     sentence_starts = sentence_starts[sentence_starts < len(corpus) - 7000]
     produced: list[tuple[str, str | None, str]] = []  # a pool of earlier rows to duplicate
+    # Re-asks draw from their own stream, so every other column is what it was without them.
+    reasks = np.random.default_rng([options.seed, 1])
     for first in range(0, options.rows, batch_rows):
         n = min(batch_rows, options.rows - first)
-        yield _batch(rng, corpus, sentence_starts, first, n, options, produced)
+        reask = np.where(reasks.random(n) < options.reask_share, reasks.integers(0, 1 << 30, n), -1)
+        yield _batch(rng, corpus, sentence_starts, first, n, options, produced, reask)
 
 
 def _batch(  # noqa: PLR0915 - one recipe, top to bottom
@@ -152,6 +159,7 @@ def _batch(  # noqa: PLR0915 - one recipe, top to bottom
     n: int,
     options: DemoOptions,
     pool: list[tuple[str, str | None, str]],
+    reask: np.ndarray,
 ) -> list[tuple]:
     level = rng.choice(len(ALIGNMENT_LEVELS), size=n, p=ALIGNMENT_SHARES)
     virtue = np.clip(_VIRTUE_MEAN[level] + rng.normal(0, 0.9, n), 0, 10)
@@ -192,8 +200,8 @@ def _batch(  # noqa: PLR0915 - one recipe, top to bottom
         response = corpus[start : end if end > start else start + lengths[i]]
         if duplicate[i] and pool:
             user, context, response = pool[int(rng.integers(0, len(pool)))]
-        elif len(pool) < 512:
-            pool.append((user, context, response))
+        else:
+            user, context = _remember(pool, user, context, response, int(reask[i]))
         scores = dict(zip(PRINCIPLES, principles[i].tolist(), strict=True))
         scores_json = json.dumps(scores)
         row_harm: float | None = float(harm[i])
@@ -236,6 +244,17 @@ def _canceller(driver: object):
         if hasattr(driver, name):
             return getattr(driver, name)
     return lambda: None
+
+
+def _remember(
+    pool: list[tuple[str, str | None, str]], user: str, context: str | None, response: str, reask: int
+) -> tuple[str, str | None]:
+    """The row's prompt (an earlier one's when ``reask`` >= 0), which joins the pool while it is small."""
+    if reask >= 0 and pool:
+        user, context = pool[reask % len(pool)][:2]
+    if len(pool) < 512:
+        pool.append((user, context, response))
+    return user, context
 
 
 def create_demo_database(engine: sa.Engine, options: DemoOptions, table: str = "experiences") -> int:

@@ -118,7 +118,11 @@ class Filters(BaseModel):
 
     def relax_hint(self, removed: dict[str, int]) -> str:
         """Which filter removed most rows, said as the flag that relaxes it."""
+        suite = removed.get("suite_prompt", 0)
+        removed = {k: n for k, n in removed.items() if k in self.filter_names()}  # suite_prompt has no flag
         if not removed or max(removed.values()) == 0:
+            if suite:
+                return f"the {suite} candidate(s) left all ask an evaluation suite prompt, never trained on"
             return "no filter removed rows; the table holds no usable experiences"
         worst = max(removed, key=lambda k: removed[k])
         flag = "--" + worst.replace("_", "-")

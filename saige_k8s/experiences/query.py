@@ -148,8 +148,12 @@ def funnel_query(j: Judgement, dialect: str) -> sa.Select:
     )
 
 
-def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
-    """The candidates, ordered by id, with every column cast to one type per column."""
+def rows_query(j: Judgement, id_is_integer: bool, with_removed: bool = False) -> sa.Select:
+    """The candidates, ordered by id, with every column cast to one type per column.
+
+    ``with_removed``: also the rows a filter removed (preference pairs need their answers),
+    in the same single read, with their ``verdict`` to tell them apart.
+    """
     # Numbers are cast so that a column is one Arrow type even where SQLite mixes integer and
     # real storage; text columns need no cast (and casting would copy every response).
     real = sa.Float
@@ -163,5 +167,10 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     for name in ROW_COLUMNS:
         expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
         exprs[name] = sa.cast(expr, kinds[name]) if name in kinds else expr
-    query = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS)).where(j.prefilter, j.verdict == j.candidate)
+    selected = [exprs[n].label(n) for n in ROW_COLUMNS]
+    if with_removed:
+        valid = sum(label.startswith("invalid:") for label in j.labels)
+        query = sa.select(*selected, j.verdict.label("verdict")).where(j.verdict >= valid)
+    else:
+        query = sa.select(*selected).where(j.prefilter, j.verdict == j.candidate)
     return query.order_by(j.columns["id"])

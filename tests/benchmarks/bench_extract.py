@@ -25,6 +25,7 @@ Run (from the repository root, with the project's virtualenv)::
     .venv/bin/python tests/benchmarks/bench_extract.py                 # 1M rows; RSS at 10M
     .venv/bin/python tests/benchmarks/bench_extract.py --rows 20000 --rss-rows 40000
     .venv/bin/python tests/benchmarks/bench_extract.py --rows 1000000 --rss-rows 0 --workdir /tmp/bench
+    .venv/bin/python tests/benchmarks/bench_extract.py --pairs --rows 200000 --workdir /tmp/bench   # pairs off/on
 
 A demo database takes ~20 s and ~1 GB per million rows on SQLite; with ``--workdir`` the
 SQLite files are kept and reused by later runs when their row count matches. The internal
@@ -147,7 +148,44 @@ def adbc_worker(dialect: str, target: str, out: str) -> None:
     print(json.dumps({"rows_out": written}))
 
 
-WORKERS = {"_baseline": baseline_worker, "_adbc": adbc_worker}
+def pairs_worker(pairs: str, target: str, out: str) -> None:
+    """(a) in-process with preference pairs on or off (the CLI always writes them): what pairs cost."""
+    from saige_k8s.dataset.extract import ExtractRequest, extract
+
+    result = extract(ExtractRequest(db=target, data_root=Path(out), eval_fraction=0.05, pairs=pairs == "on"))
+    manifest = result.manifest
+    print(json.dumps({"rows_out": manifest["counts"]["kept"], "pairs": manifest["pairs"]}))
+
+
+WORKERS = {"_baseline": baseline_worker, "_adbc": adbc_worker, "_pairs": pairs_worker}
+
+
+def bench_pairs(db: str, rows: int, scratch: Path, repeats: int) -> str:
+    """Extraction with pairs off, then on (alternating runs), on SQLite: the cost of pairs."""
+    walls: dict[str, list[float]] = {"off": [], "on": []}
+    out: dict[str, dict] = {}
+    for i in range(1, repeats + 1):
+        for mode in ("off", "on"):
+            root = scratch / f"pairs-{mode}-{i}"
+            shutil.rmtree(root, ignore_errors=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_pairs", mode, db, str(root)]
+            run = measure(cmd, root.with_suffix(".log"))
+            walls[mode].append(run.wall_s)
+            out[mode] = json.loads(run.stdout.strip().splitlines()[-1]) | {"rss": run.peak_rss_mb}
+            log(f"  pairs {mode} run {i}: {run.wall_s:.2f} s, {run.peak_rss_mb:.0f} MB, {out[mode]}")
+            shutil.rmtree(root, ignore_errors=True)
+    lines = [
+        "| pairs | rows | median wall s | peak RSS MB | examples | pairs (train/eval) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for mode in ("off", "on"):
+        pairs = out[mode]["pairs"]
+        lines.append(
+            f"| {mode} | {rows:,} | {statistics.median(walls[mode]):.2f} | {out[mode]['rss']:.0f} | "
+            f"{out[mode]['rows_out']:,} | {pairs['train']:,} / {pairs['eval']:,} |"
+        )
+    ratio = statistics.median(walls["on"]) / statistics.median(walls["off"])
+    return "\n".join(lines) + f"\n\npairs on / off: {ratio:.2f}× the wall time"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -523,6 +561,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Keep the SQLite demo databases here and reuse them (default: a temporary directory).",
     )
     parser.add_argument("--keep", action="store_true", help="Keep the outputs (datasets, CSV, Parquet, logs).")
+    parser.add_argument(
+        "--pairs", action="store_true", help="Only (a) with preference pairs off and on, SQLite (the cost of pairs)."
+    )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.rss_rows < 0 or args.repeats < 1:
         parser.error("--rows and --repeats must be >= 1, --rss-rows >= 0")
@@ -542,6 +583,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"work dir {workdir}; {machine()}; {code[0]}, sources {code[1]}")
     results: list[Result] = []
     rss: list[Result] = []
+    if args.pairs:
+        try:
+            print(bench_pairs(str(ensure_sqlite(workdir, args.rows)), args.rows, scratch, args.repeats))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     try:
         sqlite_path = ensure_sqlite(workdir, args.rows)
         results += bench_database(
