@@ -1,7 +1,7 @@
 """Extraction end to end on real SQLite and PostgreSQL, checked against an independent oracle.
 
 The oracle re-reads the source table row by row in plain Python and applies the rules as
-documented (DESIGN §3.1–3.2, README "Funnel"): its verdict for every row must match the
+documented (README "Funnel"): its verdict for every row must match the
 manifest's counts, and its kept rows must be exactly the dataset's rows.
 """
 

@@ -1,4 +1,4 @@
-"""The three chat formats, byte for byte as DESIGN §3.3 and the seed's examples spell them."""
+"""The three chat formats, byte for byte as the seed's examples spell them."""
 
 from __future__ import annotations
 

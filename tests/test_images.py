@@ -33,7 +33,7 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"  # the images make their 
 # The host's CA bundle goes into the test base, so a TLS-intercepting proxy in front of PyPI works.
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 CACHE_DIR = Path(os.environ.get("SAIGE_IMAGE_CACHE", "/var/tmp/saige-image-test"))
-# What podman needs on these machines (see DESIGN.md §6), plus a pod's restrictions.
+# What podman needs on these machines, plus a pod's restrictions.
 RUN_FLAGS = [
     "--rm",
     "--runtime",

@@ -1,4 +1,4 @@
-"""Chat formats (DESIGN §3.3), byte-exact with the seed's examples.
+"""Chat formats, byte-exact with the seed's examples.
 
 A format is a handful of literal pieces. ``render`` joins them for one example (training
 uses it to mask the prompt exactly); ``render_columns`` joins the same pieces for whole

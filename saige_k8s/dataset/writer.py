@@ -1,4 +1,4 @@
-"""Publishing a dataset on the shared volume (DESIGN §3.4) so that no reader sees half of one.
+"""Publishing a dataset on the shared volume so that no reader sees half of one.
 
 Files go into a hidden temporary directory beside the datasets; the manifest is written
 last; one rename publishes the directory; ``LATEST`` is replaced atomically after that. A

@@ -197,11 +197,12 @@ def _batch(  # noqa: PLR0915 - one recipe, top to bottom
             context = None
         start = starts[i]
         end = corpus.rfind(" ", start, start + lengths[i])  # whole words, from a sentence start
-        response = corpus[start : end if end > start else start + lengths[i]]
+        text = corpus[start : end if end > start else start + lengths[i]]
         if duplicate[i] and pool:
-            user, context, response = pool[int(rng.integers(0, len(pool)))]
+            user, context, text = pool[int(rng.integers(0, len(pool)))]
         else:
-            user, context = _remember(pool, user, context, response, int(reask[i]))
+            user, context = _remember(pool, user, context, text, int(reask[i]))
+        response: str | None = text
         scores = dict(zip(PRINCIPLES, principles[i].tolist(), strict=True))
         scores_json = json.dumps(scores)
         row_harm: float | None = float(harm[i])

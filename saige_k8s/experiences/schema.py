@@ -1,4 +1,4 @@
-"""The SAIGE experiences table: logical column names, score ranges and labels (DESIGN §3.1).
+"""The SAIGE experiences table: logical column names, score ranges and labels.
 
 Every other module speaks in these logical names; a deployment whose table uses other
 names maps them once, in the spec's ``source.columns``.

@@ -50,8 +50,7 @@ def resolve_url(db: str | None) -> URL:
     else:
         url = parse_url(raw)
         check_dialect(url)
-    sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
-    if sqlite_file:
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         _check_sqlite_file(Path(url.database))
     return url
 
@@ -144,7 +143,9 @@ class SourceTable:
 
     @property
     def id_is_integer(self) -> bool:
-        column = self.table.c[self.mapping["id"]]
+        id_column = self.mapping["id"]
+        assert id_column is not None  # the id is a required column: open_source maps it or fails
+        column = self.table.c[id_column]
         return isinstance(column.type, sa.Integer)
 
 
@@ -199,12 +200,13 @@ def _adbc_connect(url: URL):
     if lifecycle.installed():
         _leave_sigint_to_us()
     if url.get_backend_name() == "sqlite":
-        import adbc_driver_sqlite.dbapi as driver
+        import adbc_driver_sqlite.dbapi as sqlite_driver
 
-        return driver.connect(url.database or ":memory:")
-    import adbc_driver_postgresql.dbapi as driver
+        return sqlite_driver.connect(url.database or ":memory:")
+    import adbc_driver_postgresql.dbapi as postgresql_driver
 
-    return driver.connect(with_timeouts(url).set(drivername="postgresql").render_as_string(hide_password=False))
+    libpq_url = with_timeouts(url).set(drivername="postgresql")
+    return postgresql_driver.connect(libpq_url.render_as_string(hide_password=False))
 
 
 def _leave_sigint_to_us() -> None:

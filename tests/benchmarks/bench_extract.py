@@ -63,7 +63,7 @@ GNU_TIME = Path("/usr/bin/time")
 PG_ITERSIZE = 10_000
 ADBC_SQLITE_BATCH_ROWS = 65_536
 
-# The seed's default filters (DESIGN §3.2), as the baseline and the limit write them.
+# The seed's default filters, as the baseline and the limit write them.
 WHERE = "actual_harm < 0.3 AND buddhist_weighted_score >= 6.0 AND buddhist_alignment IN ('good', 'excellent')"
 BASELINE_SQL = (
     "SELECT id, user_message, context, response, actual_harm, buddhist_scores, "
