@@ -174,6 +174,13 @@ def test_no_usable_checkpoint_trains_from_scratch(root: Path, finished: Path, tm
     assert _same_adapter(run, finished)  # same seed, same run
 
 
+def _assert_failed_on_a_full_disk(result, run: Path) -> None:
+    """Exit 1, one clear line, and no temporary left in the run directory."""
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
+
+
 def _fails_half_written(name: str):
     """A save_pretrained that writes part of ``name`` and then finds the disk full."""
 
@@ -195,11 +202,9 @@ def test_a_failed_adapter_write_leaves_the_previous_adapter_and_metrics(
 
     monkeypatch.setattr(PeftModel, "save_pretrained", _fails_half_written("adapter_model.safetensors"))
     result = _train(root, run)
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    _assert_failed_on_a_full_disk(result, run)
     assert _snapshot(run / "adapter") == before
     assert (run / "metrics.json").read_bytes() == metrics
-    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
-    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
 
 
 def test_a_failed_export_leaves_the_previous_merged_model_and_modelfile(
@@ -214,11 +219,9 @@ def test_a_failed_export_leaves_the_previous_merged_model_and_modelfile(
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", _fails_half_written("model.safetensors"))
     result = run_cli("export", str(run))
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    _assert_failed_on_a_full_disk(result, run)
     assert _snapshot(run / "merged") == before
     assert (run / "Modelfile").read_bytes() == modelfile
-    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
-    assert "cannot write" in result.stderr and "No space left on device" in result.stderr
 
 
 def test_stale_temporaries_are_removed_and_never_taken_for_checkpoints(

@@ -200,13 +200,7 @@ def test_thresholds_and_limit(demo_db: str, tmp_path: Path) -> None:
     counts = limited["counts"]
     assert counts["kept"] == 7
     assert [r["id"] for r in _rows(limited)] == [str(k["id"]) for k in kept[:7]]
-    assert counts["scanned"] == (
-        counts["kept"]
-        + sum(limited["invalid"].values())
-        + sum(limited["removed"].values())
-        + counts["duplicates"]
-        + counts["beyond_limit"]
-    )
+    assert counts["scanned"] == accounted_rows(limited)
 
 
 def test_generic_sqlalchemy_fetch_gives_the_same_dataset(demo_sqlite: str, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from saige_k8s.dataset.extract import ExtractRequest, extract
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
 from saige_k8s.experiences.demo import experiences_table
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
+from tests.test_extract import accounted_rows
 
 SCORES = dict.fromkeys(PRINCIPLES, 8.0)
 
@@ -119,14 +120,7 @@ def test_suite_prompts_are_never_trained_on(tmp_path: Path) -> None:
     assert scenario.user not in {u.split("\n\n")[0] for u in _sides(path)}
     steps = {s["step"]: s["removed"] for s in manifest["funnel"]}
     assert steps["suite_prompt"] == 2
-    counts = manifest["counts"]
-    assert counts["scanned"] == (
-        counts["kept"]
-        + sum(manifest["invalid"].values())
-        + sum(manifest["removed"].values())
-        + counts["duplicates"]
-        + counts["beyond_limit"]
-    )
+    assert manifest["counts"]["scanned"] == accounted_rows(manifest)
 
 
 def test_a_spec_suite_file_adds_prompts(tmp_path: Path) -> None:

@@ -30,6 +30,14 @@ EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 @pytest.fixture(scope="module")
+def _signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[str, float]:
+    """Send ``sig``; (its stderr, seconds until it exited)."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return err, time.monotonic() - sent
+
+
 def small_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("small") / "small.db"
     create_database(str(path), DemoOptions(rows=2000, seed=4))
@@ -200,10 +208,7 @@ def test_a_signal_during_a_connect_to_a_silent_server(tmp_path: Path, silent_ser
     try:
         assert wait_for(lambda: silent_server.clients, timeout=30), "never connected"
         time.sleep(0.5)
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
-        took = time.monotonic() - sent
+        err, took = _signal_and_wait(proc, sig, 20)
     finally:
         proc.kill()
         proc.wait()
@@ -252,10 +257,7 @@ def test_a_signal_while_a_query_waits_on_a_lock(postgres_server: str, tmp_path: 
                 return conn.execute(sa.text(query), {"d": name}).scalar() >= 1
 
         assert wait_for(waiting, timeout=60, interval=0.1), "the extraction never waited on the lock"
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        err, took = _signal_and_wait(proc, sig, 30)
     finally:
         proc.kill()
         proc.wait()

@@ -13,18 +13,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saige_k8s.dataset.curate import content_hashes, conversations, messages_of, prompts
+from saige_k8s.dataset.curate import MESSAGE_TYPE, content_hashes, conversations, messages_of, prompts
 from saige_k8s.dataset.formats import ChatFormat, render_columns
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
 PAIRS_FILES = {"train": "pairs-train.parquet", "eval": "pairs-eval.parquet"}
-_TURN = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 #: TRL's conversational preference format, with what the evaluation groups pairs by.
 PAIRS_SCHEMA = pa.schema(
     [
-        ("prompt", _TURN),
-        ("chosen", _TURN),
-        ("rejected", _TURN),
+        ("prompt", MESSAGE_TYPE),
+        ("chosen", MESSAGE_TYPE),
+        ("rejected", MESSAGE_TYPE),
         ("chosen_id", pa.string()),
         ("rejected_id", pa.string()),
         ("margin_weighted", pa.float64()),

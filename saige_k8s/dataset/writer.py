@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from saige_k8s import lifecycle
 from saige_k8s.errors import ConfigError, InputError
-from saige_k8s.temporaries import LOCK, hold_lock, remove_stale_temporaries
+from saige_k8s.temporaries import LOCK, fsync_path, hold_lock, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class DatasetWriter:
             before(manifest, self.tmp)
         _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         for name in [*(f"{split}.parquet" for split in self._writers), *self.extra]:
-            _fsync(self.tmp / name)
+            fsync_path(self.tmp / name)
         self._latest_lock = hold_lock(self._latest_tmp)
         _write_synced(self._latest_tmp, self.dataset_id + "\n")
         (self.tmp / LOCK).unlink()
@@ -216,7 +216,7 @@ class DatasetWriter:
                 os.rename(self.final, self.tmp)  # unpublish: LATEST never pointed at it
                 raise
             with contextlib.suppress(OSError):  # published; durability is the volume's business now
-                _fsync(self.datasets)
+                fsync_path(self.datasets)
             if self._csv_tmp is not None and self.csv_path is not None:
                 try:
                     os.replace(self._csv_tmp, self.csv_path)
@@ -261,12 +261,3 @@ def _write_synced(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

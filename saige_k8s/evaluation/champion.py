@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from saige_k8s.errors import InputError, RuntimeFailure
+from saige_k8s.temporaries import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class ChampionStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.champion_path)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     def _append(self, line: bytes) -> None:
         """One write of one whole line, synced: a kill leaves at most a torn tail, never a spliced line."""
@@ -171,7 +172,7 @@ class ChampionStore:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
 
     def _repair_tail(self, fd: int) -> None:
         """End the file with a newline: a torn line is cut off, so the next entry starts a line of its own."""
@@ -357,12 +358,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    """A rename or a new file is durable only once its directory entry is."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

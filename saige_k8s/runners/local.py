@@ -27,6 +27,7 @@ from saige_k8s.errors import CandidateRejected, InputError, Interrupted, Runtime
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.runners.backend import Backend, Outcome, Run, Say, StepFailed, StepStatus, run_pipeline
 from saige_k8s.spec import PipelineSpec, Programs, Step, StepContext, StepName
+from saige_k8s.temporaries import pid_alive
 from saige_k8s.training.devices import local_gpus
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class LocalBackend(Backend):
             raise InputError(f"no run {run_id!r} in {self.where} (saige-k8s status --local lists the runs)")
         stopped = []
         for row in rows:
-            if row.state == "Running" and row.job.isdigit() and _alive(int(row.job)):
+            if row.state == "Running" and row.job.isdigit() and pid_alive(int(row.job)):
                 os.kill(int(row.job), signal.SIGTERM)
                 stopped.append(f"step {row.step} (process {row.job})")
         return stopped
@@ -264,7 +265,7 @@ def _row(path: Path) -> StepStatus | None:
         return None
     state = values.get("state", "?")
     pid = values.get("pid")
-    if state == "Running" and not (isinstance(pid, int) and _alive(pid)):
+    if state == "Running" and not (isinstance(pid, int) and pid_alive(pid)):
         state = "Failed"  # the runner died with its step (killed, machine restarted)
     return StepStatus(
         run_id=values.get("run_id", path.parent.name),
@@ -275,16 +276,6 @@ def _row(path: Path) -> StepStatus | None:
         started=values.get("started", ""),
         finished=values.get("finished", ""),
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _now() -> str:

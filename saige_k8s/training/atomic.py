@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from saige_k8s.errors import RuntimeFailure
+from saige_k8s.temporaries import fsync_path, pid_alive
 
 _FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 _DIR = re.compile(r"^\.tmp-(?P<name>.+)-(?P<pid>\d+)$")
@@ -84,7 +85,7 @@ def replace_dir(new: Path, path: Path) -> None:
         if aside.exists() and not path.exists():
             os.rename(aside, path)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -102,7 +103,7 @@ def remove_stale(directory: Path, names: set[str] | None = None) -> list[Path]:
                 continue
             name, pid = match["name"], int(match["pid"])
             original = name.removesuffix(_ASIDE)
-            if (names is not None and original not in names) or (pid != os.getpid() and _alive(pid)):
+            if (names is not None and original not in names) or (pid != os.getpid() and pid_alive(pid)):
                 continue
             if name != original and entry.is_dir() and not (directory / original).exists():
                 os.rename(entry, directory / original)  # killed mid-swap: the old version comes back
@@ -112,27 +113,8 @@ def remove_stale(directory: Path, names: set[str] | None = None) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
-            _fsync(path)
-    _fsync(root)
+            fsync_path(path)
+    fsync_path(root)
