@@ -56,15 +56,18 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    from saige_k8s.experiences.credentials import scrub
-
     lifecycle.settle()
     stopped = lifecycle.exit_code()
     if stopped is not None and not lifecycle.committed():  # a failure after a signal is the signal's doing
+        # Our own words: nothing to scrub, and no import now (a signal may have cut one short).
         message = message if message.startswith(lifecycle.reason()) else f"{lifecycle.reason()}; partial output removed"
         code = stopped
-    # Only the first line, and never a credential, even from an error no one foresaw.
-    click.echo(f"saige-k8s: error: {scrub(message)}", err=True)
+    else:
+        from saige_k8s.experiences.credentials import scrub
+
+        # Only the first line, and never a credential, even from an error no one foresaw.
+        message = scrub(message)
+    click.echo(f"saige-k8s: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -398,8 +401,10 @@ def train(
         raise click.UsageError("--use-4bit and --use-8bit exclude each other; pick one")
     from saige_k8s.dataset.writer import resolve_dataset
     from saige_k8s.spec import PipelineSpec, load_spec, override_train
-    from saige_k8s.training.loop import TrainOptions
-    from saige_k8s.training.loop import train as run_train
+
+    with lifecycle.deferred():  # torch's import must not be interrupted from inside
+        from saige_k8s.training.loop import TrainOptions
+        from saige_k8s.training.loop import train as run_train
 
     spec = load_spec(spec_path) if spec_path else PipelineSpec()
     if use_4bit or use_8bit:
@@ -674,7 +679,9 @@ def evaluate(
     from saige_k8s import metrics
     from saige_k8s.errors import CandidateRejected
     from saige_k8s.spec import PipelineSpec, load_spec
-    from saige_k8s.training.evaluate import champion_since, evaluate_run, summary
+
+    with lifecycle.deferred():
+        from saige_k8s.training.evaluate import champion_since, evaluate_run, summary
 
     spec = load_spec(spec_path) if spec_path else PipelineSpec()
     settings = spec.evaluate.model_copy(update={"suite": [*spec.evaluate.suite, *map(str, suites)]})
@@ -767,7 +774,8 @@ def export(run_dir: Path, out: Path | None, force: bool) -> None:
     \b
     Then: ollama create saige-ethics -f RUN_DIR/Modelfile
     """
-    from saige_k8s.training.export import MODELFILE, export_run
+    with lifecycle.deferred():
+        from saige_k8s.training.export import MODELFILE, export_run
 
     merged = export_run(run_dir, out, force=force)
     click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")

@@ -98,6 +98,21 @@ def poll_stop(enabled: bool) -> None:
 
 
 @contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A stop during the block is raised when it ends, not inside it: native code that calls back
+    into Python (torch's import) aborts the process when an exception is raised through it."""
+    global _polling  # noqa: PLW0603
+    before = _polling
+    _polling = True
+    try:
+        yield
+    finally:
+        _polling = before
+    if not before:
+        check_stop()
+
+
+@contextlib.contextmanager
 def commit() -> Iterator[None]:
     """The step that makes the output visible: a signal before it stops the run, one during or
     after it lets the run finish (its output is complete)."""

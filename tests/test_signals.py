@@ -29,7 +29,6 @@ CONNECT_TIMEOUT_S = 10
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
-@pytest.fixture(scope="module")
 def _signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[str, float]:
     """Send ``sig``; (its stderr, seconds until it exited)."""
     sent = time.monotonic()
@@ -38,6 +37,7 @@ def _signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float) -> tuple[
     return err, time.monotonic() - sent
 
 
+@pytest.fixture(scope="module")
 def small_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("small") / "small.db"
     create_database(str(path), DemoOptions(rows=2000, seed=4))
