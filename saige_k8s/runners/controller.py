@@ -62,10 +62,13 @@ class KubernetesBackend(Backend):
             idle=lambda: _still(cluster, name, step.name, say),
             timeout=deadline + WAIT_SLACK_SECONDS,
         )
-        if step.rejects and _rejected(cluster, finished, step.name):
-            return step_summary(cluster, name, step.name, exit_code=REJECTED_EXIT)
-        _raise_if_failed(cluster, step.name, finished)
-        return step_summary(cluster, name, step.name) if step.reports else None
+        failed = job_state(finished) == "Failed"
+        if not failed and not step.reports:
+            return None
+        ended, message = _last_termination(cluster, name, step.name)  # the pods are read once
+        if failed and not (step.rejects and ended == REJECTED_EXIT):
+            _raise_failed(step.name, finished, ended, message)
+        return step_summary(name, step.name, ended, message, expected=REJECTED_EXIT if failed else 0)
 
     def status(self, run_id: str | None = None) -> list[StepStatus]:
         labels = {"app.kubernetes.io/managed-by": "saige-k8s", **({RUN_LABEL: run_id} if run_id else {})}
@@ -169,12 +172,9 @@ def job_state(job: client.V1Job) -> str:
     return "Pending"
 
 
-def _raise_if_failed(cluster: Cluster, step: StepName, job: client.V1Job) -> None:
-    if job_state(job) != "Failed":
-        return
+def _raise_failed(step: StepName, job: client.V1Job, exit_code: int | None, message: str) -> None:
     failed = next(c for c in job.status.conditions if c.type == "Failed" and c.status == "True")
     reason = failed.reason or "Failed"
-    exit_code, message = _last_termination(cluster, job.metadata.name, step)
     detail = message.strip().splitlines()[-1] if message.strip() else (failed.message or "")
     where = f": {detail}" if detail else ""
     raise StepFailed(
@@ -182,16 +182,10 @@ def _raise_if_failed(cluster: Cluster, step: StepName, job: client.V1Job) -> Non
     )
 
 
-def _rejected(cluster: Cluster, job: client.V1Job, step: StepName) -> bool:
-    """The Job failed because its step ended with a rejection (an outcome it reports)."""
-    return job_state(job) == "Failed" and _last_termination(cluster, job.metadata.name, step)[0] == REJECTED_EXIT
-
-
-def step_summary(cluster: Cluster, job_name: str, container: StepName, exit_code: int = 0) -> dict[str, Any]:
-    """A reporting step's JSON summary, from its pod's termination message (it ended with ``exit_code``)."""
-    ended, message = _last_termination(cluster, job_name, container)
+def step_summary(job_name: str, container: StepName, ended: int | None, message: str, expected: int) -> dict[str, Any]:
+    """A reporting step's JSON summary, from its pod's termination message (when it ended with ``expected``)."""
     try:
-        summary = json.loads(message) if ended == exit_code else None
+        summary = json.loads(message) if ended == expected else None
     except ValueError:
         summary = None
     if not isinstance(summary, dict) or "dataset_id" not in summary:
