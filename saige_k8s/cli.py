@@ -469,13 +469,18 @@ _NAMESPACE_DEFAULT = "the kubeconfig context's namespace, or the pod's with --in
 
 
 def _cluster_options(namespace_default: str = _NAMESPACE_DEFAULT):
-    """Where the controller commands find the cluster; the same three flags on each."""
+    """Where the controller commands find the cluster; the same flags on each, as kubectl spells them."""
 
     def decorate(func):  # noqa: ANN001 - a click decorator
         func = click.option(
             "--in-cluster", is_flag=True, help="Use the pod's service account (the Helm chart's CronJob does)."
         )(func)
         func = click.option("--context", help="kubeconfig context [default: the current one].")(func)
+        func = click.option(
+            "--kubeconfig",
+            metavar="FILE",
+            help="kubeconfig file(s), ':'-separated [default: $KUBECONFIG, else ~/.kube/config].",
+        )(func)
         return click.option("-n", "--namespace", help=f"Namespace [default: {namespace_default}].")(func)
 
     return decorate
@@ -490,10 +495,12 @@ def _backend_options(func):  # noqa: ANN001 - a click decorator
     return _cluster_options()(func)
 
 
-def _connect(namespace: str | None, context: str | None, in_cluster: bool):
+def _connect(namespace: str | None, context: str | None, in_cluster: bool, kubeconfig: str | None):
     from saige_k8s.runners.kubernetes import Cluster
 
-    return Cluster.connect(context=context, in_cluster=in_cluster, namespace=namespace)
+    if in_cluster and (context or kubeconfig):
+        raise click.UsageError("--in-cluster uses the pod's service account: leave out --context and --kubeconfig")
+    return Cluster.connect(context=context, in_cluster=in_cluster, namespace=namespace, kubeconfig=kubeconfig)
 
 
 def _backend(options: dict[str, Any]):
@@ -504,7 +511,9 @@ def _backend(options: dict[str, Any]):
         return LocalBackend(resolve_data_root(options["data_root"]))
     from saige_k8s.runners.controller import KubernetesBackend
 
-    return KubernetesBackend(_connect(options["namespace"], options["context"], options["in_cluster"]))
+    return KubernetesBackend(
+        _connect(options["namespace"], options["context"], options["in_cluster"], options["kubeconfig"])
+    )
 
 
 def _say(message: str) -> None:
@@ -526,15 +535,22 @@ _RUN_HELP = "Run id: Jobs are named RUN-STEP, and the dataset RUN [default: NAME
     "cluster (as kubernetes.controller_service_account) and returns the run id.",
 )
 @click.option("--follow", is_flag=True, help="Stream each step's log while waiting.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the Jobs it would create (YAML; with --no-wait, the controller's Job) and create nothing.",
+)
 @_pushgateway_option("the run's pipeline metrics (success, duration)", "the steps push theirs from their pods")
 def submit(
     spec_path: Path,
     namespace: str | None,
     context: str | None,
+    kubeconfig: str | None,
     in_cluster: bool,
     run_id: str | None,
     wait: bool,
     follow: bool,
+    dry_run: bool,
     pushgateway: str | None,
 ) -> None:
     """Run the pipeline as Kubernetes Jobs: extract, check the dataset, train (then export).
@@ -545,13 +561,20 @@ def submit(
     """
     from saige_k8s.runners import controller
     from saige_k8s.runners.backend import Run
-    from saige_k8s.runners.jobs import job_name, run_dir
+    from saige_k8s.runners.jobs import construct_controller_job, job_name, pipeline_jobs, run_dir
     from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
     run = Run(spec, run_id or new_run_id(spec.name))
     job_name(run.run_id, "extract")  # a name too long is a usage error before anything is sent
-    cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster)
+    cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster, kubeconfig)
+    if dry_run:
+        jobs = pipeline_jobs(run) if wait else [construct_controller_job(run)]
+        for job in jobs:
+            job.metadata.namespace = cluster.namespace
+        _print_objects(jobs, "yaml")
+        _say(f"dry run: nothing was created in namespace {cluster.namespace} (run {run.run_id})")
+        return
     _say(f"run {run.run_id} in namespace {cluster.namespace}")
     if not wait:
         job = controller.submit_detached(cluster, run, _say)
@@ -570,24 +593,87 @@ def submit(
 @cli.command()
 @click.argument("run_id", metavar="[RUN]", required=False)
 @_backend_options
-@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    "fmt",
+    type=click.Choice(["table", "wide", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="wide adds the pipeline and each step's duration; json and yaml list every field.",
+)
 def status(run_id: str | None, fmt: str, **where: Any) -> None:
     """Show the runs in the namespace (or under the data root, with --local) and the state of each step."""
     from dataclasses import asdict
 
     backend = _backend(where)
     rows = backend.status(run_id)
-    if fmt == "json":
-        click.echo(json.dumps([asdict(row) for row in rows]))
+    if fmt in ("json", "yaml"):
+        records = [asdict(row) for row in rows]
+        if fmt == "json":
+            click.echo(json.dumps(records))
+        else:
+            import yaml
+
+            click.echo(yaml.safe_dump(records, sort_keys=False), nl=False)
         return
     if not rows:
         _say(f"no saige-k8s runs in {backend.where}" if run_id is None else f"no run {run_id!r} in {backend.where}")
         return
-    header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
-    table = [header, *[(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if fmt == "wide":
+        header = ("RUN", "PIPELINE", "STEP", "STATE", "STARTED", "FINISHED", "DURATION", "JOB")
+        cells = [
+            (r.run_id, r.pipeline, r.step, r.state, r.started, r.finished, _duration(r.started, r.finished), r.job)
+            for r in rows
+        ]
+    else:
+        header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
+        cells = [(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]
+    _print_table(header, cells)
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns as kubectl prints them: no borders, a bold header on a terminal, never cut when piped."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
+    for name in header:
+        table.add_column(name, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(highlight=False)
+    if console.is_terminal:
+        console.print(table)
+        return
+    # A pipe or a file: as wide as the table, no styles, no trailing blanks.
+    plain = Console(highlight=False, width=Console(width=100_000).measure(table).maximum, color_system=None)
+    with plain.capture() as captured:
+        plain.print(table)
+    for line in captured.get().splitlines():
+        click.echo(line.rstrip())
+
+
+def _duration(started: str, finished: str) -> str:
+    """How long a step ran (or has run so far), as kubectl writes it: 45s, 5m12s, 2h3m, 3d4h."""
+    import datetime
+
+    if not started:
+        return ""
+    try:
+        begin = datetime.datetime.fromisoformat(started)
+        end = datetime.datetime.fromisoformat(finished) if finished else datetime.datetime.now(begin.tzinfo)
+    except ValueError:
+        return ""
+    seconds = max(0, int((end - begin).total_seconds()))
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if days:
+        return f"{days}d{hours % 24}h"
+    if hours:
+        return f"{hours}h{minutes % 60}m"
+    if minutes:
+        return f"{minutes}m{seconds % 60}s"
+    return f"{seconds}s"
 
 
 @cli.command()
@@ -623,21 +709,29 @@ def cancel(run_id: str, **where: Any) -> None:
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str) -> None:
     """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works)."""
-    import yaml
-
     from saige_k8s.runners.backend import Run
-    from saige_k8s.runners.jobs import pipeline_jobs, to_dict
+    from saige_k8s.runners.jobs import pipeline_jobs
     from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
-    jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))]
+    jobs = pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))
     for job in jobs:
         if namespace:
-            job["metadata"]["namespace"] = namespace
+            job.metadata.namespace = namespace
+    _print_objects(jobs, fmt)
+
+
+def _print_objects(objects: list[Any], fmt: str) -> None:
+    """Typed objects as kubectl prints them: YAML documents, or a JSON List (kubectl apply -f - reads both)."""
+    import yaml
+
+    from saige_k8s.runners.jobs import to_dict
+
+    items = [to_dict(obj) for obj in objects]
     if fmt == "json":
-        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": jobs}, indent=2))
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
     else:
-        click.echo(yaml.safe_dump_all(jobs, sort_keys=False), nl=False)
+        click.echo(yaml.safe_dump_all(items, sort_keys=False), nl=False)
 
 
 @cli.command()

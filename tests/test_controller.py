@@ -290,7 +290,7 @@ def test_cli_submit_no_wait_starts_the_controller_in_the_cluster_and_status_show
 def test_cli_errors_without_a_kubeconfig_and_for_an_unknown_run(kube, tmp_path):
     missing = run_cli("status", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert missing.exit_code == 2
-    assert missing.stderr.startswith("saige-k8s: error: cannot load the kubeconfig")
+    assert missing.stderr.startswith(f"saige-k8s: error: no kubeconfig: none at {tmp_path / 'absent'}")
     assert "Traceback" not in missing.stderr
     env = {"KUBECONFIG": str(_kubeconfig(tmp_path, kube.url))}
     unknown = run_cli("logs", "nope-1", env=env)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import kube_config
 from kubernetes.config.config_exception import ConfigException
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -35,6 +37,10 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: A watch is re-opened this often even when nothing happens (a real server may drop it sooner).
 WATCH_SECONDS = 300
+#: Seconds to wait for a connection, and for an answer (a watch and a followed log wait longer).
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+REQUEST_TIMEOUT = (CONNECT_TIMEOUT, READ_TIMEOUT)
 
 
 class Cluster:
@@ -46,41 +52,57 @@ class Cluster:
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         self.attempts = attempts
+        #: Whether the server ever answered: until it has, a failed connection is not retried
+        #: (a wrong address or a cluster that is down is said at once, not after a minute of retries).
+        self._reached = False
 
     @classmethod
-    def connect(cls, context: str | None = None, in_cluster: bool = False, namespace: str | None = None) -> Cluster:
-        """From the pod's service account (``in_cluster``) or the kubeconfig (``context`` or its current one)."""
+    def connect(
+        cls,
+        context: str | None = None,
+        in_cluster: bool = False,
+        namespace: str | None = None,
+        kubeconfig: str | None = None,
+    ) -> Cluster:
+        """From the pod's service account (``in_cluster``) or a kubeconfig (``context`` or its current one).
+
+        ``kubeconfig`` is one file or a ``:``-separated list, as $KUBECONFIG is (which it
+        overrides; without either, ~/.kube/config). Each way of getting this wrong ends in one
+        ConfigError that says what is missing and how to give it.
+        """
+        configuration = client.Configuration()
         try:
             if in_cluster:
-                config.load_incluster_config()
-                default_namespace = _read_in_cluster_namespace()
+                default_namespace = _load_in_cluster(configuration)
             else:
-                # Read $KUBECONFIG now: the client reads it once, at import.
-                path = os.environ.get("KUBECONFIG") or None
-                config.load_kube_config(config_file=path, context=context)
-                contexts, active = config.list_kube_config_contexts(config_file=path)
-                chosen = next((c for c in contexts if c["name"] == context), active) if context else active
-                default_namespace = chosen["context"].get("namespace") or "default"
-        except ConfigException as exc:
-            where = "in-cluster service account" if in_cluster else "kubeconfig"
-            hint = "" if in_cluster else " (set KUBECONFIG, or pass --context; inside a pod use --in-cluster)"
-            raise ConfigError(f"cannot load the {where}: {_first_line(exc)}{hint}") from None
+                default_namespace = _load_kubeconfig(configuration, kubeconfig, context)
         except OSError as exc:
             raise ConfigError(f"cannot load the Kubernetes configuration: {exc}") from None
-        return cls(client.ApiClient(), namespace or default_namespace)
+        # One retry policy, ours (see _call): urllib3's own would retry a dead server three
+        # times per request and log a warning each time.
+        configuration.retries = False
+        return cls(client.ApiClient(configuration), namespace or default_namespace)
 
     # -- Jobs ---------------------------------------------------------------------------------
 
     def create_job(self, job: client.V1Job) -> client.V1Job | None:
         """The created Job, or None when one of that name exists already (the caller decides if it is ours)."""
         try:
-            return self._call("create", "jobs", lambda: self.batch.create_namespaced_job(self.namespace, job))
+            return self._call(
+                "create",
+                "jobs",
+                lambda: self.batch.create_namespaced_job(self.namespace, job, _request_timeout=REQUEST_TIMEOUT),
+            )
         except _Conflict:
             return None
 
     def read_job(self, name: str) -> client.V1Job | None:
         try:
-            return self._call("get", "jobs", lambda: self.batch.read_namespaced_job(name, self.namespace))
+            return self._call(
+                "get",
+                "jobs",
+                lambda: self.batch.read_namespaced_job(name, self.namespace, _request_timeout=REQUEST_TIMEOUT),
+            )
         except _NotFound:
             return None
 
@@ -88,7 +110,11 @@ class Cluster:
         """Jobs carrying all of ``labels`` (checked here too: a selector is only a hint to a proxy or emulator)."""
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         found = self._call(
-            "list", "jobs", lambda: self.batch.list_namespaced_job(self.namespace, label_selector=selector)
+            "list",
+            "jobs",
+            lambda: self.batch.list_namespaced_job(
+                self.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT
+            ),
         )
         return [job for job in found.items if _has_labels(job.metadata, labels)]
 
@@ -96,7 +122,13 @@ class Cluster:
         """Deletes the Job and, through garbage collection, its pods; False if it was already gone."""
         body = client.V1DeleteOptions(propagation_policy="Background")
         try:
-            self._call("delete", "jobs", lambda: self.batch.delete_namespaced_job(name, self.namespace, body=body))
+            self._call(
+                "delete",
+                "jobs",
+                lambda: self.batch.delete_namespaced_job(
+                    name, self.namespace, body=body, _request_timeout=REQUEST_TIMEOUT
+                ),
+            )
         except _NotFound:
             return False
         return True
@@ -123,7 +155,11 @@ class Cluster:
                 idle()
             listed_before = True
             listed = self._call(
-                "list", "jobs", lambda: self.batch.list_namespaced_job(self.namespace, field_selector=selector)
+                "list",
+                "jobs",
+                lambda: self.batch.list_namespaced_job(
+                    self.namespace, field_selector=selector, _request_timeout=REQUEST_TIMEOUT
+                ),
             )
             job = next((item for item in listed.items if item.metadata.name == name), None)
             if job is None:
@@ -163,7 +199,11 @@ class Cluster:
         labels = {JOB_NAME_LABEL: job_name}
         selector = f"{JOB_NAME_LABEL}={job_name}"
         found = self._call(
-            "list", "pods", lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+            "list",
+            "pods",
+            lambda: self.core.list_namespaced_pod(
+                self.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT
+            ),
         )
         pods = [pod for pod in found.items if _has_labels(pod.metadata, labels)]
         return sorted(pods, key=lambda pod: (pod.metadata.creation_timestamp or 0, pod.metadata.name))
@@ -175,7 +215,13 @@ class Cluster:
                 "get",
                 "pods/log",
                 lambda: self.core.read_namespaced_pod_log(
-                    pod, self.namespace, container=container, follow=follow, _preload_content=False
+                    pod,
+                    self.namespace,
+                    container=container,
+                    follow=follow,
+                    _preload_content=False,
+                    # A followed log may be quiet for long: no read timeout then.
+                    _request_timeout=(CONNECT_TIMEOUT, None if follow else READ_TIMEOUT),
                 ),
             )
         except _NotFound:
@@ -196,7 +242,7 @@ class Cluster:
 
     def _call(self, verb: str, resource: str, request: Callable[[], T]) -> T:
         retrying = Retrying(
-            retry=retry_if_exception(_transient),
+            retry=retry_if_exception(self._retryable),
             stop=stop_after_attempt(self.attempts),
             wait=_retry_after_or(wait_exponential_jitter(multiplier=0.5, max=20)),
             before_sleep=lambda state: log.warning(
@@ -210,12 +256,22 @@ class Cluster:
             reraise=True,
         )
         try:
-            return retrying(request)
+            result = retrying(request)
         except ApiException as exc:
             raise self._translate(exc, verb, resource) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             host = self.api_client.configuration.host
-            raise RuntimeFailure(f"cannot reach the Kubernetes API server at {host}: {_first_line(exc)}") from None
+            raise RuntimeFailure(
+                f"cannot reach the Kubernetes API server at {host} ({_unreachable(exc)}); "
+                "is the cluster up, and is this the right context?"
+            ) from None
+        self._reached = True
+        return result
+
+    def _retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, ApiException):
+            self._reached = True  # it answered, if only to refuse
+        return _transient(exc) and (self._reached or isinstance(exc, ApiException))
 
     def _translate(self, exc: ApiException, verb: str, resource: str) -> Exception:  # noqa: PLR0911 - one per status
         status, message = exc.status, _status_message(exc)
@@ -267,6 +323,21 @@ def _retry_after_or(fallback: Any) -> Callable[[Any], float]:
     return wait
 
 
+def _unreachable(exc: BaseException) -> str:
+    """Why a connection failed, in words: "connection refused", "no answer within 10 s"."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return str(exc).rsplit("] ", 1)[-1].rsplit(": ", 1)[-1].lower()
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return f"no connection within {CONNECT_TIMEOUT} s"
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return f"no answer within {READ_TIMEOUT} s"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return f"TLS failed: {_first_line(exc)}"
+    return _first_line(exc)
+
+
 def _describe_transient(exc: BaseException | None) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason or ''}".strip()
@@ -287,11 +358,63 @@ def _has_labels(metadata: client.V1ObjectMeta, labels: dict[str, str]) -> bool:
     return all(own.get(key) == value for key, value in labels.items())
 
 
-def _read_in_cluster_namespace() -> str:
+def _load_in_cluster(configuration: client.Configuration) -> str:
+    """Fills ``configuration`` from the pod's service account; the pod's namespace."""
+    if not (os.environ.get("KUBERNETES_SERVICE_HOST") and os.environ.get("KUBERNETES_SERVICE_PORT")):
+        raise ConfigError(
+            "--in-cluster: not running in a Kubernetes pod (KUBERNETES_SERVICE_HOST/PORT are not set); "
+            "outside a cluster, leave --in-cluster out and use a kubeconfig"
+        )
     try:
-        return IN_CLUSTER_NAMESPACE.read_text(encoding="utf-8").strip()
+        config.load_incluster_config(client_configuration=configuration)
+    except ConfigException as exc:
+        raise ConfigError(
+            f"--in-cluster: cannot use the pod's service account: {_first_line(exc)} "
+            "(the pod needs automountServiceAccountToken: true)"
+        ) from None
+    try:
+        return IN_CLUSTER_NAMESPACE.read_text(encoding="utf-8").strip() or "default"
     except OSError:
         return "default"
+
+
+def kubeconfig_paths(kubeconfig: str | None = None) -> list[Path]:
+    """Where a kubeconfig is looked for: ``kubeconfig``, else $KUBECONFIG, else ~/.kube/config."""
+    given = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    return [Path(part).expanduser() for part in given.split(os.pathsep) if part]
+
+
+def _load_kubeconfig(configuration: client.Configuration, kubeconfig: str | None, context: str | None) -> str:
+    """Fills ``configuration`` from the kubeconfig's context; that context's namespace."""
+    paths = kubeconfig_paths(kubeconfig)
+    found = [path for path in paths if path.is_file()]
+    if not found:
+        looked = ", ".join(map(str, paths)) or "(an empty list)"
+        raise ConfigError(
+            f"no kubeconfig: none at {looked} (pass --kubeconfig FILE or set KUBECONFIG; inside a pod use --in-cluster)"
+        )
+    where = os.pathsep.join(map(str, found))
+    try:  # read as load_kube_config reads it (files merged), but without needing a current context
+        merged = kube_config.KubeConfigMerger(where).config.value
+    except (ConfigException, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the kubeconfig {where}: {_first_line(exc)}") from None
+    contexts = {
+        entry.value.get("name"): entry.value.get("context") or {}
+        for entry in merged.get("contexts") or []
+        if isinstance(getattr(entry, "value", None), dict)
+    }
+    known = ", ".join(map(str, contexts)) or "none"
+    name = context or merged.get("current-context")
+    if not name:
+        raise ConfigError(f"the kubeconfig {where} has no current context: pass --context (known contexts: {known})")
+    if name not in contexts:
+        which = "context" if context else "the current context"
+        raise ConfigError(f"{which} {name!r} does not exist in the kubeconfig {where} (known contexts: {known})")
+    try:
+        config.load_kube_config(config_file=where, context=name, client_configuration=configuration)
+    except ConfigException as exc:
+        raise ConfigError(f"cannot use context {name!r} of the kubeconfig {where}: {_first_line(exc)}") from None
+    return contexts[name].get("namespace") or "default"
 
 
 def _first_line(exc: object) -> str:
