@@ -40,7 +40,12 @@ def _saige(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The real entry point in a process of its own: its logging set up as a user's is."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "saige_k8s", *args], capture_output=True, text=True, env=environment, timeout=120
+        [sys.executable, "-m", "saige_k8s", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
     )
 
 
