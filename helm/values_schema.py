@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saige_k8s.spec import PipelineSpec
+from saige_k8s.spec import QUANTITY_PATTERN, PipelineSpec
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "saige" / "values.schema.json"
 
@@ -32,7 +32,7 @@ COMPOSED_KUBERNETES_KEYS = (
 )
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+QUANTITY = QUANTITY_PATTERN
 DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
 
 

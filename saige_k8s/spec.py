@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -178,8 +180,20 @@ class TrainSpec(_Strict):
 #: A Kubernetes object name (DNS-1123 label).
 DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DnsLabel = Annotated[str, Field(pattern=f"^{DNS_LABEL}$")]
-#: A Kubernetes resource quantity ("500m", "8Gi", 2).
-Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")]
+#: The API server's quantity grammar (number, then a binary or decimal SI suffix, or a decimal
+#: exponent: "500m", "8Gi", "1e3", "250u", "+1", ".5"), less the minus sign: a negative request,
+#: limit or size is refused by the API server anyway.
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+
+
+def _quantity(value: str) -> str:
+    if not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError("not a Kubernetes quantity (e.g. 500m, 8Gi, 1e3, 250u)")
+    return value
+
+
+#: A Kubernetes resource quantity ("500m", "8Gi", 2); the pattern also goes into the chart's schema.
+Quantity = Annotated[str, AfterValidator(_quantity), Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
 
 
 class SecretRef(_Strict):

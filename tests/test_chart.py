@@ -115,6 +115,8 @@ def test_values_schema_is_strict_everywhere():
         "image.pullPolicy=Sometimes",
         "persistence.accessModes[0]=ReadWriteAlways",
         "image.extract.digest=sha256:nothex",
+        "pipeline.kubernetes.train.shm_size=8GB",  # not a Kubernetes quantity
+        "controller.resources.limits.memory=1.1.M",
     ],
 )
 def test_a_wrong_value_fails_lint_and_template(setting):
@@ -124,6 +126,19 @@ def test_a_wrong_value_fails_lint_and_template(setting):
     rendered = helm("template", RELEASE, str(CHART), "--set", setting, check=False)
     assert rendered.returncode != 0
     assert "don't meet the specifications of the schema" in rendered.stderr
+
+
+def test_every_kubernetes_quantity_form_passes_the_schema():
+    objects = template(
+        "--set-string",
+        "controller.resources.requests.cpu=250u,controller.resources.limits.memory=1e3,persistence.size=+1Ti",
+        "--set-string",
+        "pipeline.kubernetes.train.shm_size=1.5Gi,pipeline.kubernetes.extract.resources.requests.cpu=.5",
+    )
+    spec = parse_spec(pipeline_of(objects))
+    assert (spec.kubernetes.train.shm_size, spec.kubernetes.extract.resources.requests["cpu"]) == ("1.5Gi", ".5")
+    controller = one(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert controller["resources"]["requests"]["cpu"] == "250u"
 
 
 # --- lint, template, install --------------------------------------------------------------------

@@ -122,3 +122,32 @@ def test_whole_numbers_are_still_numbers() -> None:
     spec = parse_spec({"extract": {"filters": {"max_harm": 0, "min_buddhist": 7, "limit": 5}}, "train": {"epochs": 2}})
     filters = spec.extract.filters.resolve()
     assert (filters.max_harm, filters.min_buddhist, filters.limit, spec.train.epochs) == (0.0, 7.0, 5, 2.0)
+
+
+# The API server's quantity grammar (apimachinery's resource.ParseQuantity and its test table).
+VALID_QUANTITIES = ["0", "2", "500m", "8Gi", "1.5Gi", "1e3", "1E3", "+1", "+1.5e-3", "250u", "100n", "1.", ".5"]
+VALID_QUANTITIES += ["5E", "3Ei", "1k", "1Ki", "7T", "2Pi", "10M"]
+INVALID_QUANTITIES = ["", " 1", "1 ", "1.1.M", "1+1.0M", "0.1mi", "0.1am", "aoeu", ".5i", "1i", "1K", "1ki", "1e"]
+INVALID_QUANTITIES += ["e3", ".", "+", "1_000", "Infinity", "NaN", "1e1.5", "8GB", "-1", "-500m"]
+
+
+@pytest.mark.parametrize("quantity", VALID_QUANTITIES)
+def test_every_kubernetes_quantity_is_accepted(quantity: str) -> None:
+    from kubernetes.utils import parse_quantity
+
+    parse_quantity(quantity)  # the official client reads it too
+    pod = {"resources": {"limits": {"memory": quantity}}, "shm_size": quantity}
+    spec = parse_spec({"kubernetes": {"train": pod}})
+    assert spec.kubernetes.train.resources.limits["memory"] == quantity
+    assert spec.kubernetes.train.shm_size == quantity
+
+
+@pytest.mark.parametrize("quantity", INVALID_QUANTITIES)
+def test_what_is_not_a_quantity_is_refused_by_name(quantity: str) -> None:
+    with pytest.raises(ConfigError, match=r"kubernetes\.extract\.resources\.requests\.cpu.*not a Kubernetes quantity"):
+        parse_spec({"kubernetes": {"extract": {"resources": {"requests": {"cpu": quantity}}}}})
+
+
+def test_numbers_are_quantities_too() -> None:
+    spec = parse_spec({"kubernetes": {"train": {"resources": {"requests": {"cpu": 4, "memory": 0.5}}}}})
+    assert spec.kubernetes.train.resources.requests == {"cpu": "4", "memory": "0.5"}
