@@ -7,7 +7,7 @@ block generated from the pydantic PipelineSpec, so the chart and the Python spec
 The ``pipeline.kubernetes`` keys that the chart composes from its own values (namespace,
 images, claim_name, secrets, pushgateway_url, controller_service_account) are not accepted
 under ``pipeline``: set them through ``image``, ``persistence``, ``database``,
-``huggingface``, ``metrics`` and ``serviceAccount`` instead.
+``huggingface``, ``metrics``, ``serviceAccount`` and ``podSecurityContext`` instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ COMPOSED_KUBERNETES_KEYS = (
     "secrets",
     "pushgateway_url",
     "controller_service_account",
+    "run_as_user",
 )
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -108,6 +109,48 @@ def k8s_defs() -> dict[str, Any]:
     }
 
 
+def security_defs() -> dict[str, Any]:
+    """The chart's pod and container security contexts: Kubernetes' fields, held to the hardening."""
+    seccomp = obj(
+        {"type": string(enum=["RuntimeDefault", "Localhost"]), "localhostProfile": {"type": "string"}},
+        required=("type",),
+        description="Unconfined is not accepted.",
+    )
+    user = {"runAsNonRoot": {"const": True}, "runAsUser": integer(1), "runAsGroup": integer(0)}
+    return {
+        "SeccompProfile": seccomp,
+        "PodSecurityContext": obj(
+            {
+                **user,
+                "fsGroup": integer(0),
+                "fsGroupChangePolicy": string(enum=["OnRootMismatch", "Always"]),
+                "supplementalGroups": {"type": "array", "items": integer(0)},
+                "seccompProfile": {"$ref": "#/$defs/SeccompProfile"},
+            },
+            required=("runAsNonRoot", "runAsUser", "seccompProfile"),
+            description="A non-root pod with a numeric UID (the step pods get it too) and a seccomp profile.",
+        ),
+        "SecurityContext": obj(
+            {
+                **user,
+                "allowPrivilegeEscalation": {"const": False},
+                "readOnlyRootFilesystem": {"const": True},
+                "privileged": {"const": False},
+                "capabilities": obj(
+                    {
+                        "drop": {"type": "array", "items": {"type": "string"}, "contains": {"const": "ALL"}},
+                        "add": {"type": "array", "items": string(enum=["NET_BIND_SERVICE"])},
+                    },
+                    required=("drop",),
+                ),
+                "seccompProfile": {"$ref": "#/$defs/SeccompProfile"},
+            },
+            required=("allowPrivilegeEscalation", "readOnlyRootFilesystem", "capabilities"),
+            description="Every capability dropped, no privilege escalation, a read-only root file system.",
+        ),
+    }
+
+
 def _strip(node: Any) -> Any:
     """Drop pydantic's titles and defaults (helm does not apply schema defaults)."""
     if isinstance(node, dict):
@@ -156,7 +199,7 @@ def image() -> dict[str, Any]:
 
 def chart_schema() -> dict[str, Any]:
     pipeline, pipeline_defs = pipeline_schema()
-    defs = {**k8s_defs(), **pipeline_defs}
+    defs = {**k8s_defs(), **security_defs(), **pipeline_defs}
     properties = {
         "nameOverride": optional_string(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
         "fullnameOverride": optional_string(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
@@ -214,6 +257,8 @@ def chart_schema() -> dict[str, Any]:
             },
             required=("schedule",),
         ),
+        "podSecurityContext": {"$ref": "#/$defs/PodSecurityContext"},
+        "securityContext": {"$ref": "#/$defs/SecurityContext"},
         "controller": obj(
             {
                 "resources": {"$ref": "#/$defs/Resources"},

@@ -117,6 +117,14 @@ def test_values_schema_is_strict_everywhere():
         "image.extract.digest=sha256:nothex",
         "pipeline.kubernetes.train.shm_size=8GB",  # not a Kubernetes quantity
         "controller.resources.limits.memory=1.1.M",
+        "pipeline.kubernetes.run_as_user=5",  # composed by the chart: set podSecurityContext.runAsUser
+        "podSecurityContext.runAsNonRoot=false",  # the hardening is not optional
+        "podSecurityContext.runAsUser=0",
+        "podSecurityContext.seccompProfile.type=Unconfined",
+        "securityContext.allowPrivilegeEscalation=true",
+        "securityContext.readOnlyRootFilesystem=false",
+        "securityContext.capabilities.drop={NET_RAW}",
+        "securityContext.runAsUsr=5",
     ],
 )
 def test_a_wrong_value_fails_lint_and_template(setting):
@@ -370,6 +378,46 @@ def test_every_pod_is_hardened(rendered, scenario):
         assert mounts_tmp, name
         tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
         assert "emptyDir" in tmp
+
+
+def test_security_contexts_and_the_step_pods_uid_come_from_values():
+    objects = template("--set", "podSecurityContext.runAsUser=2000,podSecurityContext.runAsGroup=3000")
+    for name, pod in pod_specs(objects):
+        assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (2000, 3000), name
+        container = pod["containers"][0]["securityContext"]
+        assert (container["runAsUser"], container["runAsGroup"], container["runAsNonRoot"]) == (2000, 3000, True)
+    assert parse_spec(pipeline_of(objects)).kubernetes.run_as_user == 2000  # the step pods' UID
+    own = template("--set", "securityContext.runAsUser=4000")
+    assert one(own, "Pod")["spec"]["containers"][0]["securityContext"]["runAsUser"] == 4000
+
+
+def test_the_controller_and_the_helm_test_pod_share_one_pod_spec(rendered):
+    """They differ only where their jobs do: what runs, API access, resources, /tmp's size."""
+    objects = rendered["monitoring"]  # placement and a pushgateway set
+    controller = one(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    tester = one(objects, "Pod")["spec"]
+    shapes = []
+    for pod in (json.loads(json.dumps(controller)), json.loads(json.dumps(tester))):
+        pod.pop("serviceAccountName", None)
+        pod.pop("automountServiceAccountToken")
+        for key in ("name", "command", "args", "env", "resources"):
+            pod["containers"][0].pop(key, None)
+        next(v for v in pod["volumes"] if v["name"] == "tmp")["emptyDir"].pop("sizeLimit")
+        shapes.append(pod)
+    assert shapes[0] == shapes[1]
+    assert tester["nodeSelector"] == controller["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert (controller["automountServiceAccountToken"], tester["automountServiceAccountToken"]) == (True, False)
+
+
+def test_the_chart_names_its_maintainers_and_icon():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["maintainers"] and all(
+        m["name"] and m.get("url", "").startswith("https://") for m in chart["maintainers"]
+    )
+    assert chart["icon"].startswith(chart["home"].replace("github.com", "raw.githubusercontent.com"))
+    assert (ROOT / chart["icon"].split("/main/", 1)[1]).is_file()  # the file the URL serves once pushed
+    lint = helm("lint", str(CHART))
+    assert "icon is recommended" not in lint.stdout + lint.stderr
 
 
 def test_the_cronjob(rendered):

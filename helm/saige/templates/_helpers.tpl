@@ -142,6 +142,7 @@ chart's values. Rendered with toYaml into the ConfigMap.
 {{- $_ := set $k8s "namespace" .Release.Namespace }}
 {{- $_ := set $k8s "claim_name" (include "saige.claimName" .) }}
 {{- $_ := set $k8s "controller_service_account" (include "saige.serviceAccountName" .) }}
+{{- $_ := set $k8s "run_as_user" .Values.podSecurityContext.runAsUser }}
 {{- $secrets := dict }}
 {{- if .Values.database.existingSecret }}
 {{- $_ := set $secrets "db_url" (dict "name" .Values.database.existingSecret "key" .Values.database.secretKey) }}
@@ -160,36 +161,86 @@ chart's values. Rendered with toYaml into the ConfigMap.
 {{- end }}
 
 {{/*
-The numeric UID and GID of every pod: pipeline.kubernetes.run_as_user, as for the step pods
-(10001, the images' user, when the pipeline leaves it out).
+The container security context of the chart's pods: securityContext, with the pod's user and
+group (podSecurityContext) repeated, as the step pods have them.
 */}}
-{{- define "saige.uid" -}}
-{{- (.Values.pipeline.kubernetes | default dict).run_as_user | default 10001 }}
+{{- define "saige.containerSecurityContext" -}}
+{{- $pod := pick .Values.podSecurityContext "runAsNonRoot" "runAsUser" "runAsGroup" }}
+{{- toYaml (merge (deepCopy .Values.securityContext) $pod) }}
 {{- end }}
 
 {{/*
-The hardened security contexts of every pod this chart runs.
+The pod spec of both pods the chart runs itself, the CronJob's controller and the `helm test`
+pod: one image, one hardening, the spec and /tmp mounted, placed by controller.*; they differ
+in what they run, whether they reach the API server, their resources and their /tmp size.
+Usage: include "saige.podSpec" (dict "root" . "container" "controller" "command" (list …)
+  "args" (list …) "api" true "env" (list …) "resources" .Values.controller.resources "tmpSize" "256Mi")
 */}}
-{{- define "saige.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: {{ include "saige.uid" . }}
-runAsGroup: {{ include "saige.uid" . }}
-fsGroup: {{ include "saige.uid" . }}
-fsGroupChangePolicy: OnRootMismatch
-seccompProfile:
-  type: RuntimeDefault
+{{- define "saige.podSpec" -}}
+{{- $root := .root }}
+{{- $values := $root.Values -}}
+restartPolicy: Never
+{{- if .api }}
+serviceAccountName: {{ include "saige.serviceAccountName" $root }}
+# The controller talks to the API server (its Role: jobs, pods, pods/log); the
+# ServiceAccount mounts no token by default, so this pod opts in.
+automountServiceAccountToken: true
+{{- else }}
+automountServiceAccountToken: false
 {{- end }}
-
-{{- define "saige.containerSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: {{ include "saige.uid" . }}
-runAsGroup: {{ include "saige.uid" . }}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-privileged: false
-capabilities:
-  drop:
-    - ALL
-seccompProfile:
-  type: RuntimeDefault
+enableServiceLinks: false
+{{- with $values.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml $values.podSecurityContext | nindent 2 }}
+containers:
+  - name: {{ .container }}
+    image: {{ include "saige.image" (list $root $values.image.extract) | quote }}
+    imagePullPolicy: {{ $values.image.pullPolicy }}
+    command: {{ toJson .command }}
+    {{- with .args }}
+    args: {{ toJson . }}
+    {{- end }}
+    env:
+      - name: HOME
+        value: /tmp
+      {{- with .env }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    securityContext:
+      {{- include "saige.containerSecurityContext" $root | nindent 6 }}
+    {{- with .resources }}
+    resources:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    terminationMessagePolicy: FallbackToLogsOnError
+    volumeMounts:
+      - name: spec
+        mountPath: /etc/saige
+        readOnly: true
+      - name: tmp
+        mountPath: /tmp
+volumes:
+  - name: spec
+    configMap:
+      name: {{ include "saige.configMapName" $root }}
+  - name: tmp
+    emptyDir:
+      sizeLimit: {{ .tmpSize }}
+{{- with $values.controller.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.controller.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.controller.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
