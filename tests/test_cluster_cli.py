@@ -176,3 +176,13 @@ def test_a_lost_connection_is_retried_only_once_the_server_has_answered(kube, cl
     with caplog.at_level("WARNING"), pytest.raises(RuntimeFailure, match=r"\(connection refused\)"):
         answered.list_jobs({})
     assert "retrying (attempt 3 of 3)" in caplog.text  # a blip in a long run: retried
+
+
+def test_the_documented_shell_completion_is_served():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'eval "$(_SAIGE_K8S_COMPLETE=bash_source saige-k8s)"' in readme
+    script = _saige(env={"_SAIGE_K8S_COMPLETE": "bash_source"})
+    assert script.returncode == 0, script.stderr
+    assert "complete -o nosort -F _saige_k8s_completion saige-k8s" in script.stdout
+    words = {"COMP_WORDS": "saige-k8s status -o ", "COMP_CWORD": "3", "_SAIGE_K8S_COMPLETE": "bash_complete"}
+    assert _saige(env=words).stdout.split() == ["plain,table", "plain,wide", "plain,json", "plain,yaml"]
