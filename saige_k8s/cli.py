@@ -620,6 +620,8 @@ def status(run_id: str | None, fmt: str, **where: Any) -> None:
     if not rows:
         _say(f"no saige-k8s runs in {backend.where}" if run_id is None else f"no run {run_id!r} in {backend.where}")
         return
+    header: tuple[str, ...]
+    cells: list[tuple[str, ...]]
     if fmt == "wide":
         header = ("RUN", "PIPELINE", "STEP", "STATE", "STARTED", "FINISHED", "DURATION", "JOB")
         cells = [
