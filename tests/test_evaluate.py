@@ -166,3 +166,36 @@ def test_bad_input_is_one_clear_line(workspace, tmp_path: Path) -> None:
     assert "evaluate.gate.alpha" in out_of_range.stderr
     for result in (no_adapter, missing_field, out_of_range):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_packed_scoring_equals_scoring_each_response_alone(workspace) -> None:
+    """A pair shares one row (the prompt once, logits only where a response token is predicted):
+    its figures must equal those of each response scored as a sequence of its own."""
+    import numpy as np
+    import torch
+
+    from saige_k8s.spec import TrainSpec
+    from saige_k8s.training.data import IGNORE, load_dataset_dir, tokenize, tokenize_all
+    from saige_k8s.training.evaluate import Evaluator, read_run, suite_items
+
+    _, root = workspace
+    run = root / "runs" / "taught-bad"
+    metrics = read_run(run)
+    spec = TrainSpec.model_validate(metrics["hyperparameters"])
+    evaluator = Evaluator(spec, run / "adapter", root / "runs" / "taught-good" / "adapter", batch_size=3)
+    items = suite_items(load_suite(), FORMAT)[:7]
+
+    def alone(response: str, turn: str) -> float:
+        example = tokenize(evaluator.tokenizer, FORMAT, DEFAULT_SYSTEM_PROMPT, turn, response, spec.max_seq_len)
+        with torch.no_grad():
+            logits = evaluator.model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+        labels = torch.tensor(example.labels[1:])
+        keep = labels != IGNORE
+        return float(-torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
+
+    for which in ("candidate", "baseline"):
+        evaluator.model.set_adapter(which)
+        expected = [alone(item.good, item.turn) - alone(item.bad, item.turn) for item in items]
+        np.testing.assert_allclose(evaluator.margins(which, items, FORMAT, DEFAULT_SYSTEM_PROMPT), expected, atol=1e-5)
+    held_out = tokenize_all(evaluator.tokenizer, load_dataset_dir(root / "datasets" / "bad-answers"), "eval", 256)
+    assert evaluator.eval_loss("candidate", held_out) == pytest.approx(metrics["eval_loss"], rel=1e-4)

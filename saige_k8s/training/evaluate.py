@@ -32,7 +32,7 @@ from saige_k8s.evaluation.gate import decide
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 from saige_k8s.spec import EvaluateSpec, TrainSpec
 from saige_k8s.training import atomic
-from saige_k8s.training.data import Example, collate, load_dataset_dir, tokenize, tokenize_all
+from saige_k8s.training.data import IGNORE, Example, load_dataset_dir, tokenize, tokenize_all
 from saige_k8s.training.loop import ADAPTER, METRICS
 from saige_k8s.training.model import load_base_model, load_tokenizer
 
@@ -95,32 +95,86 @@ def pair_items(dataset: Path, limit: int | None) -> list[Item]:
     ]
 
 
-@torch.no_grad()
-def token_sums(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int) -> np.ndarray:
-    """Per example: [sum of the label tokens' log-probabilities, number of label tokens]."""
-    device = next(model.parameters()).device
-    out = np.zeros((len(examples), 2))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        batch = {k: torch.tensor(v, device=device) for k, v in collate([examples[i] for i in chosen], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        counts = (labels != -100).sum(dim=1)
-        out[chosen, 0] = (-losses.sum(dim=1)).double().cpu().numpy()
-        out[chosen, 1] = counts.double().cpu().numpy()
-    return out
-
-
 @dataclass(frozen=True)
-class Scored:
-    """One model's figures on the items and the eval split."""
+class Row:
+    """Responses to one prompt packed into one sequence: the shared prompt once, then each
+    response, which sees the prompt and itself only (its own positions restart after the
+    prompt). Scoring a pair then costs the prompt once, and logits are computed only where a
+    response token is predicted.
+    """
 
-    margins: np.ndarray
-    eval_loss: float | None
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[int]  # -1: the shared prompt; k: response k
+    targets: list[tuple[int, int, int]]  # (response k, logit position, token id)
+    responses: int
+
+
+def pack(examples: Sequence[Example]) -> Row:
+    """One row from examples of the same prompt; each is scored exactly as if alone."""
+    first = examples[0]
+    prefix = 0
+    while all(
+        prefix < len(e) - 1 and e.labels[prefix] == IGNORE and e.input_ids[prefix] == first.input_ids[prefix]
+        for e in examples
+    ):
+        prefix += 1
+    ids, positions, segments = list(first.input_ids[:prefix]), list(range(prefix)), [-1] * prefix
+    targets = []
+    for k, example in enumerate(examples):
+        start = len(ids) - prefix  # where this response's positions past the prompt begin, minus the prompt
+        ids += example.input_ids[prefix:]
+        positions += range(prefix, len(example))
+        segments += [k] * (len(example) - prefix)
+        for j in range(1, len(example)):
+            if example.labels[j] != IGNORE:
+                before = j - 1
+                targets.append((k, before if before < prefix else start + before, example.labels[j]))
+    return Row(ids, positions, segments, targets, len(examples))
+
+
+def _attention(rows: Sequence[Row], width: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Additive 4D mask: causal, and a response never sees another response (padding sees itself)."""
+    segments = torch.full((len(rows), width), -2, dtype=torch.long)
+    for b, row in enumerate(rows):
+        segments[b, : len(row.segments)] = torch.tensor(row.segments)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((key == -1) | (key == query)) & (key != -2)
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None].to(device)
+
+
+@torch.no_grad()
+def response_sums(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int) -> np.ndarray:
+    """Per response, in row order: [sum of its label tokens' log-probabilities, their number]."""
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype  # the hidden states', which the mask is added to
+    firsts = np.cumsum([0] + [row.responses for row in rows])
+    out = np.zeros((int(firsts[-1]), 2))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        chosen = [rows[i] for i in order[start : start + batch_size]]
+        width = max(len(row.input_ids) for row in chosen)
+        ids = torch.tensor([r.input_ids + [pad_id] * (width - len(r.input_ids)) for r in chosen], device=device)
+        positions = torch.tensor([r.position_ids + [0] * (width - len(r.position_ids)) for r in chosen], device=device)
+        kept = sorted({position for row in chosen for _, position, _ in row.targets})
+        column = {position: c for c, position in enumerate(kept)}
+        logits = model(
+            input_ids=ids,
+            attention_mask=_attention(chosen, width, dtype, device),
+            position_ids=positions,
+            logits_to_keep=torch.tensor(kept, device=device),
+        ).logits
+        flat = [(b, column[p], token, k) for b, row in enumerate(chosen) for k, p, token in row.targets]
+        batch_index, columns, tokens, responses = (list(x) for x in zip(*flat, strict=True))
+        picked = logits[torch.tensor(batch_index, device=device), torch.tensor(columns, device=device)].float()
+        logprobs = -torch.nn.functional.cross_entropy(picked, torch.tensor(tokens, device=device), reduction="none")
+        owner = [int(firsts[order[start + b]]) + k for b, k in zip(batch_index, responses, strict=True)]
+        np.add.at(out[:, 0], owner, logprobs.double().cpu().numpy())
+        np.add.at(out[:, 1], owner, 1)
+    return out
 
 
 class Evaluator:
@@ -139,30 +193,32 @@ class Evaluator:
         self.model.eval()
         self.batch_size = batch_size
 
-    def score(self, which: str, items: Sequence[Item], evaluation: Sequence[Example], fmt: str, system: str) -> Scored:
-        examples = [
-            tokenize(self.tokenizer, fmt, system, item.turn, response, self.spec.max_seq_len)
+    def margins(self, which: str, items: Sequence[Item], fmt: str, system: str) -> np.ndarray:
+        """Per item: the better response's mean log-probability per token minus the worse one's."""
+        length = self.spec.max_seq_len
+        rows = [
+            pack([tokenize(self.tokenizer, fmt, system, item.turn, answer, length) for answer in (item.good, item.bad)])
             for item in items
-            for response in (item.good, item.bad)
         ]
-        if which == "candidate":
-            self.model.set_adapter("candidate")
-            sums, held_out = self._sums(examples), self._sums(evaluation)
-        elif self.has_baseline_adapter:
-            self.model.set_adapter("baseline")
-            sums, held_out = self._sums(examples), self._sums(evaluation)
-        else:
-            with self.model.disable_adapter():
-                sums, held_out = self._sums(examples), self._sums(evaluation)
+        sums = self._sums(which, rows)
         means = sums[:, 0] / np.maximum(sums[:, 1], 1)
-        margins = means[0::2] - means[1::2]
-        tokens = held_out[:, 1].sum()
-        return Scored(margins, float(-held_out[:, 0].sum() / tokens) if tokens else None)
+        return means[0::2] - means[1::2]
 
-    def _sums(self, examples: Sequence[Example]) -> np.ndarray:
-        if not examples:
+    def eval_loss(self, which: str, examples: Sequence[Example]) -> float | None:
+        """Mean token loss on the eval split, as training reports it."""
+        sums = self._sums(which, [pack([example]) for example in examples])
+        tokens = sums[:, 1].sum()
+        return float(-sums[:, 0].sum() / tokens) if tokens else None
+
+    def _sums(self, which: str, rows: Sequence[Row]) -> np.ndarray:
+        if not rows:
             return np.zeros((0, 2))
-        return token_sums(self.model, examples, self.tokenizer.pad_token_id, self.batch_size)
+        pad = self.tokenizer.pad_token_id
+        if which == "candidate" or self.has_baseline_adapter:
+            self.model.set_adapter(which)
+            return response_sums(self.model, rows, pad, self.batch_size)
+        with self.model.disable_adapter():
+            return response_sums(self.model, rows, pad, self.batch_size)
 
 
 EVAL_FILE = "eval.json"
@@ -188,20 +244,17 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
     items = pair_items(dataset, settings.max_pairs) + suite_items(suite, metrics["format"])
     started = time.perf_counter()
     evaluator = Evaluator(train_spec, run_dir / ADAPTER, baseline_dir, settings.batch_size)
-    # The same eval examples training reported its eval loss on (train.max_eval_examples).
-    held_out = tokenize_all(
-        evaluator.tokenizer, load_dataset_dir(dataset), "eval", train_spec.max_seq_len, train_spec.max_eval_examples
-    )
     fmt, system = metrics["format"], metrics.get("system_prompt", "")
-    scores = {which: evaluator.score(which, items, held_out, fmt, system) for which in ("candidate", "baseline")}
+    margins = {which: evaluator.margins(which, items, fmt, system) for which in ("candidate", "baseline")}
+    eval_loss = _eval_losses(evaluator, metrics, dataset, train_spec, champion is not None)
     comparison = paired_comparison(
-        scores["candidate"].margins,
-        scores["baseline"].margins,
+        margins["candidate"],
+        margins["baseline"],
         principles=[item.principle for item in items],
         components=[item.component for item in items],
         seed=settings.seed,
     )
-    verdict = decide(comparison, settings.gate, scores["candidate"].eval_loss, scores["baseline"].eval_loss)
+    verdict = decide(comparison, settings.gate, eval_loss["candidate"], eval_loss["baseline"])
     result = {
         "candidate": candidate,
         "baseline": champion,
@@ -210,14 +263,14 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
         "dataset_id": metrics.get("dataset_id"),
         "base_model": metrics["base_model"],
         "items": {"pairs": sum(i.source == "pair" for i in items), "suite": sum(i.source == "suite" for i in items)},
-        "eval_loss": {which: score.eval_loss for which, score in scores.items()},
+        "eval_loss": eval_loss,
         "comparison": comparison.as_dict(),
         "gate": settings.gate.model_dump(),
         **verdict.as_dict(),
         "notes": [*notes, *verdict.notes],
         "per_item": [
             {"id": item.id, "source": item.source, "candidate": float(c), "baseline": float(b)}
-            for item, c, b in zip(items, scores["candidate"].margins, scores["baseline"].margins, strict=True)
+            for item, c, b in zip(items, margins["candidate"], margins["baseline"], strict=True)
         ],
         "duration_seconds": time.perf_counter() - started,
         "time": now(),
@@ -235,6 +288,25 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
     else:
         store.reject(candidate, **record)
     return result
+
+
+def _eval_losses(
+    evaluator: Evaluator, metrics: dict[str, Any], dataset: Path, spec: TrainSpec, champion_baseline: bool
+) -> dict[str, float | None]:
+    """The eval loss of both models on the eval examples training used (train.max_eval_examples).
+
+    Training measured the candidate's (after its last step) and the base model's (before its first,
+    when the new adapter is still zero), so only a champion adapter's is computed here.
+    """
+    before = None if champion_baseline else metrics.get("eval_loss_before")
+    known = {"candidate": metrics.get("eval_loss"), "baseline": before}
+    missing = [which for which, loss in known.items() if loss is None]
+    if missing:
+        held_out = tokenize_all(
+            evaluator.tokenizer, load_dataset_dir(dataset), "eval", spec.max_seq_len, spec.max_eval_examples
+        )
+        known |= {which: evaluator.eval_loss(which, held_out) for which in missing}
+    return known
 
 
 def champion_since(data_root: Path, pipeline: str) -> float | None:
