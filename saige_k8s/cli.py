@@ -622,15 +622,18 @@ def cancel(run_id: str, **where: Any) -> None:
 @click.option("-n", "--namespace", help="Set metadata.namespace [default: the spec's kubernetes.namespace].")
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str) -> None:
-    """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works)."""
+    """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works).
+
+    A multi-node step's Job is followed by its headless Service.
+    """
     import yaml
 
     from saige_k8s.runners.backend import Run
-    from saige_k8s.runners.jobs import pipeline_jobs, to_dict
+    from saige_k8s.runners.jobs import pipeline_objects, to_dict
     from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
-    jobs = [to_dict(job) for job in pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))]
+    jobs = [to_dict(job) for job in pipeline_objects(Run(spec, run_id or new_run_id(spec.name)))]
     for job in jobs:
         if namespace:
             job["metadata"]["namespace"] = namespace
