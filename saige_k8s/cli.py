@@ -443,7 +443,12 @@ def _trained(metrics: dict[str, Any], run_dir: Path | str) -> str:
     "every step's metrics and the pipeline's result",
     "DATA_ROOT/metrics/pipeline-NAME.prom is always written",
 )
-def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> None:
+@click.option(
+    "--run",
+    "run_id",
+    help="Run id [default: NAME-YYYYMMDD-HHMMSS]; a stopped run's id continues it (training resumes).",
+)
+def run(spec_path: Path, data_root: Path | None, pushgateway: str | None, run_id: str | None) -> None:
     """Run the pipeline on this machine: (collect,) extract, then train (then export).
 
     Each step is a process running the same command a Kubernetes pod would run; its output
@@ -456,7 +461,7 @@ def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> Non
 
     spec = load_spec(spec_path)
     root = resolve_data_root(data_root, spec)
-    run_id = new_run_id(spec.name)
+    run_id = run_id or new_run_id(spec.name)
     _say(f"run {run_id} in {root}")
     outcome = run_local(spec, spec_path, root, run_id, _say, pushgateway=pushgateway)
     run_dir = root / "runs" / run_id
@@ -584,20 +589,29 @@ def status(run_id: str | None, fmt: str, **where: Any) -> None:
         _say(f"no saige-k8s runs in {backend.where}" if run_id is None else f"no run {run_id!r} in {backend.where}")
         return
     header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
-    table = [header, *[(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]]
+    table = [header, *[(r.run_id, r.step, _state(r), r.started, r.finished, r.job) for r in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _state(row: Any) -> str:
+    """A multi-node step's state, with each node's: ``Running [0:Running 1:Pending]``."""
+    nodes = " ".join(f"{index}:{state}" for index, state in row.indexes.items())
+    return f"{row.state} [{nodes}]" if nodes else row.state
 
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @_backend_options
 @click.option("--step", type=click.Choice(STEP_NAMES), help="[default: the latest]")
+@click.option(
+    "--index", type=click.IntRange(min=0), help="Node of a multi-node step (its completion index) [default: 0]."
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step ends.")
-def logs(run_id: str, step: StepName | None, follow: bool, **where: Any) -> None:
+def logs(run_id: str, step: StepName | None, index: int | None, follow: bool, **where: Any) -> None:
     """Print the log of a run's step (its newest pod, or its log file with --local)."""
-    source, lines = _backend(where).logs(run_id, step, follow)
+    source, lines = _backend(where).logs(run_id, step, follow, index)
     _say(f"{'log' if where['local'] or where['data_root'] else 'pod'} {source}:")
     for line in lines:
         click.echo(line)
