@@ -6,6 +6,9 @@ Checkpoints (the trainable LoRA weights, optimizer, scheduler, RNG, and where in
 go to ``RUN/checkpoints/step-N`` every ``save_steps`` optimizer steps and when SIGTERM arrives;
 a rerun with the same run directory continues from the newest one that is whole, at the same
 step. The frozen base is not saved: it is loaded again from the model, as on the first run.
+The same holds across machines (``train.nodes``, on a shared volume): the global rank 0 alone
+writes checkpoints' shared files, TensorBoard, the metrics and the adapter, each rank adds its
+RNG state to a checkpoint, and on a rerun rank 0 picks the checkpoint that every rank loads.
 """
 
 from __future__ import annotations
