@@ -8,7 +8,6 @@ a node mid-run must resume from its newest checkpoint when run again.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -125,8 +124,12 @@ def test_a_node_killed_mid_run_ends_the_group_and_a_rerun_resumes_from_the_newes
     checkpoints = tmp_path / "data" / "runs" / RUN / "checkpoints"
     try:
         assert wait_for(lambda: len(list(checkpoints.glob("step-*"))) >= 2, timeout=600, interval=0.1)
-        node_1 = json.loads(state_file.read_text())["nodes"][1]
-        os.killpg(node_1, signal.SIGKILL)  # the machine is gone: its launcher and its worker
+        import psutil
+
+        # The machine is gone: its launcher and its worker (torchrun starts each worker in a session of its own).
+        launcher = psutil.Process(json.loads(state_file.read_text())["nodes"][1])
+        for process in [*launcher.children(recursive=True), launcher]:
+            process.send_signal(signal.SIGKILL)
         _, stderr = runner.communicate(timeout=300)
     finally:
         runner.kill()

@@ -83,6 +83,9 @@ class LocalBackend(Backend):
         state = _State(state_dir / f"{step.name}.json", run, step.name)
         summary_file.unlink(missing_ok=True)
         nodes = step.nodes(run.spec) if step.nodes else 1
+        if nodes > 1 and "OMP_NUM_THREADS" not in env:
+            # The "machines" share this one's cores (torchrun only splits them among one node's processes).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (nodes * context.processes)))
         code = 0
         with contextlib.ExitStack() as files:
             logs: list[IO[bytes]] = [
