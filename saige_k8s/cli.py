@@ -443,7 +443,12 @@ def _trained(metrics: dict[str, Any], run_dir: Path | str) -> str:
     "every step's metrics and the pipeline's result",
     "DATA_ROOT/metrics/pipeline-NAME.prom is always written",
 )
-def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> None:
+@click.option(
+    "--run",
+    "run_id",
+    help="Run id [default: NAME-YYYYMMDD-HHMMSS]; a stopped run's id continues it (training resumes).",
+)
+def run(spec_path: Path, data_root: Path | None, pushgateway: str | None, run_id: str | None) -> None:
     """Run the pipeline on this machine: (collect,) extract, then train (then export).
 
     Each step is a process running the same command a Kubernetes pod would run; its output
@@ -456,7 +461,7 @@ def run(spec_path: Path, data_root: Path | None, pushgateway: str | None) -> Non
 
     spec = load_spec(spec_path)
     root = resolve_data_root(data_root, spec)
-    run_id = new_run_id(spec.name)
+    run_id = run_id or new_run_id(spec.name)
     _say(f"run {run_id} in {root}")
     outcome = run_local(spec, spec_path, root, run_id, _say, pushgateway=pushgateway)
     run_dir = root / "runs" / run_id
@@ -561,7 +566,7 @@ def submit(
     """
     from saige_k8s.runners import controller
     from saige_k8s.runners.backend import Run
-    from saige_k8s.runners.jobs import construct_controller_job, job_name, pipeline_jobs, run_dir
+    from saige_k8s.runners.jobs import construct_controller_job, job_name, pipeline_objects, run_dir
     from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
@@ -569,10 +574,10 @@ def submit(
     job_name(run.run_id, "extract")  # a name too long is a usage error before anything is sent
     cluster = _connect(namespace or spec.kubernetes.namespace, context, in_cluster, kubeconfig)
     if dry_run:
-        jobs = pipeline_jobs(run) if wait else [construct_controller_job(run)]
-        for job in jobs:
-            job.metadata.namespace = cluster.namespace
-        _print_objects(jobs, "yaml")
+        objects = pipeline_objects(run) if wait else [construct_controller_job(run)]
+        for obj in objects:
+            obj.metadata.namespace = cluster.namespace
+        _print_objects(objects, "yaml")
         _say(f"dry run: nothing was created in namespace {cluster.namespace} (run {run.run_id})")
         return
     _say(f"run {run.run_id} in namespace {cluster.namespace}")
@@ -625,12 +630,12 @@ def status(run_id: str | None, fmt: str, **where: Any) -> None:
     if fmt == "wide":
         header = ("RUN", "PIPELINE", "STEP", "STATE", "STARTED", "FINISHED", "DURATION", "JOB")
         cells = [
-            (r.run_id, r.pipeline, r.step, r.state, r.started, r.finished, _duration(r.started, r.finished), r.job)
+            (r.run_id, r.pipeline, r.step, _state(r), r.started, r.finished, _duration(r.started, r.finished), r.job)
             for r in rows
         ]
     else:
         header = ("RUN", "STEP", "STATE", "STARTED", "FINISHED", "JOB")
-        cells = [(r.run_id, r.step, r.state, r.started, r.finished, r.job) for r in rows]
+        cells = [(r.run_id, r.step, _state(r), r.started, r.finished, r.job) for r in rows]
     _print_table(header, cells)
 
 
@@ -678,14 +683,23 @@ def _duration(started: str, finished: str) -> str:
     return f"{seconds}s"
 
 
+def _state(row: Any) -> str:
+    """A multi-node step's state, with each node's: ``Running [0:Running 1:Pending]``."""
+    nodes = " ".join(f"{index}:{state}" for index, state in row.indexes.items())
+    return f"{row.state} [{nodes}]" if nodes else row.state
+
+
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @_backend_options
 @click.option("--step", type=click.Choice(STEP_NAMES), help="[default: the latest]")
+@click.option(
+    "--index", type=click.IntRange(min=0), help="Node of a multi-node step (its completion index) [default: 0]."
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the step ends.")
-def logs(run_id: str, step: StepName | None, follow: bool, **where: Any) -> None:
+def logs(run_id: str, step: StepName | None, index: int | None, follow: bool, **where: Any) -> None:
     """Print the log of a run's step (its newest pod, or its log file with --local)."""
-    source, lines = _backend(where).logs(run_id, step, follow)
+    source, lines = _backend(where).logs(run_id, step, follow, index)
     _say(f"{'log' if where['local'] or where['data_root'] else 'pod'} {source}:")
     for line in lines:
         click.echo(line)
@@ -710,13 +724,16 @@ def cancel(run_id: str, **where: Any) -> None:
 @click.option("-n", "--namespace", help="Set metadata.namespace [default: the spec's kubernetes.namespace].")
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 def render(spec_path: Path, run_id: str | None, namespace: str | None, fmt: str) -> None:
-    """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works)."""
+    """Print the run's Jobs as `submit` would create them (no cluster needed; kubectl apply -f - works).
+
+    A multi-node step's Job is followed by its headless Service.
+    """
     from saige_k8s.runners.backend import Run
-    from saige_k8s.runners.jobs import pipeline_jobs
+    from saige_k8s.runners.jobs import pipeline_objects
     from saige_k8s.spec import load_spec, new_run_id
 
     spec = load_spec(spec_path)
-    jobs = pipeline_jobs(Run(spec, run_id or new_run_id(spec.name)))
+    jobs = pipeline_objects(Run(spec, run_id or new_run_id(spec.name)))
     for job in jobs:
         if namespace:
             job.metadata.namespace = namespace

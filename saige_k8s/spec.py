@@ -173,6 +173,11 @@ class TrainSpec(_Strict):
     trust_remote_code: bool = False
     #: GPUs per training pod; more than one launches one process per GPU.
     gpus: Annotated[int, Field(ge=0)] = 1
+    #: Machines: with more than one, the train step is one torchrun group of this many pods
+    #: (an Indexed Job; locally, as many launchers on loopback), train.gpus on each.
+    nodes: Annotated[int, Field(ge=1, le=99)] = 1
+    #: Seconds the nodes wait for each other at the start (pods of a group may start minutes apart).
+    rendezvous_timeout: Annotated[int, Field(ge=10)] = 900
     #: Merge the adapter into the base model and write an Ollama Modelfile after training.
     export: bool = False
 
@@ -395,6 +400,11 @@ class StepContext:
     processes: int = 1
     #: Where a step that reports writes its one-line JSON summary.
     summary_file: str | None = None
+    #: This node's rank in a multi-node step, as its launcher reads it (a pod: its completion index).
+    node_rank: str = "0"
+    #: Where the other nodes of a multi-node step find node 0's rendezvous.
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
 
     @property
     def dataset_id(self) -> str:
@@ -448,6 +458,8 @@ class Step:
     uses_models: bool = False
     #: Pushes its own metrics (gets $SAIGE_PUSHGATEWAY_URL).
     pushes_metrics: bool = False
+    #: Machines of one run of the step (None: always one); more than one form one torchrun group.
+    nodes: Callable[[PipelineSpec], int] | None = None
 
 
 def new_run_id(name: str, now: dt.datetime | None = None) -> str:
@@ -483,14 +495,57 @@ def extract_command(
     return [*command, "--summary-file", summary_file] if summary_file else command
 
 
+@dataclass(frozen=True)
+class Group:
+    """Where a multi-node step's launcher finds the others: node 0 hosts the rendezvous."""
+
+    nodes: int
+    #: This launcher's node rank: a number, or how its pod spells one (``$(JOB_COMPLETION_INDEX)``).
+    rank: str
+    master_addr: str
+    master_port: int
+    timeout: int
+
+
 def train_command(
-    programs: Programs, spec_path: str, data_root: str, dataset_id: str, run_dir: str, processes: int = 1
+    programs: Programs,
+    spec_path: str,
+    data_root: str,
+    dataset_id: str,
+    run_dir: str,
+    processes: int = 1,
+    group: Group | None = None,
 ) -> list[str]:
-    """One process, or ``processes`` of them under torchrun (one per GPU)."""
+    """One process, ``processes`` of them under torchrun (one per GPU), or one torchrun per node of a ``group``.
+
+    A group uses torchrun's static rendezvous: the node rank is given (a pod's completion
+    index), node 0 hosts the store, and no member can be replaced while the others run
+    (``--max-restarts 0``): a lost member ends the group, and a rerun resumes it from the
+    newest checkpoint.
+    """
     args = ["train", "-f", spec_path, "--data-root", data_root, "--dataset", dataset_id, "--output-dir", run_dir]
+    if group is not None and group.nodes > 1:
+        launch = ["--nnodes", str(group.nodes), "--node-rank", group.rank, "--nproc-per-node", str(processes)]
+        launch += ["--master-addr", group.master_addr, "--master-port", str(group.master_port)]
+        launch += ["--rdzv-conf", f"timeout={group.timeout}", "--max-restarts", "0"]
+        return [*programs.distributed, *launch, "-m", "saige_k8s", *args]
     if processes > 1:
         return [*programs.distributed, "--standalone", "--nproc_per_node", str(processes), "-m", "saige_k8s", *args]
     return [*programs.cli, *args]
+
+
+def _train_step_command(context: StepContext) -> list[str]:
+    train = context.spec.train
+    group = Group(train.nodes, context.node_rank, context.master_addr, context.master_port, train.rendezvous_timeout)
+    return train_command(
+        context.programs,
+        context.spec_path,
+        context.data_root,
+        context.dataset_id,
+        context.run_dir,
+        max(1, context.processes),
+        group,
+    )
 
 
 def evaluate_command(
@@ -570,12 +625,11 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         name="train",
-        command=lambda c: train_command(
-            c.programs, c.spec_path, c.data_root, c.dataset_id, c.run_dir, max(1, c.processes)
-        ),
+        command=_train_step_command,
         image=_train_image,
         pod_defaults=_pod_defaults(48, "4", "24Gi", "32Gi"),
         gpus=lambda spec: spec.train.gpus,
+        nodes=lambda spec: spec.train.nodes,
         secret_env=lambda spec: {"HF_TOKEN": spec.kubernetes.secrets.hf_token},
         uses_models=True,
         pushes_metrics=True,

@@ -16,7 +16,7 @@ cluster (``put``, ``patch_status``, ``set_log``), to inspect what the client did
 
 What is emulated (kmock 0.8 plus the fixes in ``_Emulator`` below):
 
-* jobs (batch/v1), pods, configmaps (v1): create / get / list / JSON-merge PATCH / delete, 409
+* jobs (batch/v1), pods, configmaps, services (v1): create / get / list / JSON-merge PATCH / delete, 409
   AlreadyExists on a duplicate name, 404 NotFound with real-looking Status bodies.  The server stamps
   ``metadata.namespace``, ``uid``, ``creationTimestamp``, ``resourceVersion`` (a global counter, bumped on
   every change) and resolves ``generateName``.  DELETE answers a ``Status`` Success, as a real server does.
@@ -38,8 +38,12 @@ What is emulated (kmock 0.8 plus the fixes in ``_Emulator`` below):
 
 What is NOT emulated (the controller must not depend on it, or must do it client-side):
 
-* no controllers: Jobs never create Pods, never finish; deleting a Job does not delete its Pods (no
-  garbage collector, ``propagationPolicy`` is ignored).  Tests do that with ``put``/``patch_status``.
+* garbage collection by owner: deleting an object (through the API or ``delete``, which plays the TTL
+  controller) deletes every object whose ``metadata.ownerReferences`` names its uid, and theirs in turn,
+  each with a DELETED event -- at once, whatever ``propagationPolicy`` says.
+
+* no controllers: Jobs never create Pods, never finish; a Pod is not owned by its Job unless the test
+  gives it an ownerReference.  Tests do that with ``put``/``patch_status``.
 * PATCH is a naive recursive dict merge (None deletes a key, lists are replaced); JSON-patch (a list
   body) and server-side apply are not supported; PUT (replace) is answered 404.  No ``status``
   subresource split: a PATCH to ``.../status`` patches the whole object.  No validation, no defaults.
@@ -86,6 +90,7 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "jobs": ("batch/v1/jobs", "Job", "batch"),
     "pods": ("v1/pods", "Pod", ""),
     "configmaps": ("v1/configmaps", "ConfigMap", ""),
+    "services": ("v1/services", "Service", ""),
     "namespaces": ("v1/namespaces", "Namespace", ""),
 }
 _KIND_TO_PLURAL = {kind: plural for plural, (_, kind, _) in RESOURCES.items()}
@@ -246,6 +251,11 @@ class _Emulator(kmock.KubernetesEmulator):
             self.harness._stamp(request.data, route.namespace)  # kmock stores this very dict
         elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
             request.data.setdefault("metadata", {})["resourceVersion"] = self.harness._next_rv()
+        owner_uid = None
+        if request.action == kmock.action.DELETE and route.name is not None:
+            key = (request.resource, route.namespace, route.name)
+            if key in self._objects and not self._objects[key].deleted:
+                owner_uid = (self._objects[key].raw.get("metadata") or {}).get("uid")
         try:
             response = await super()._handle(request)
         except kmock.KubernetesObjectNotFoundError:
@@ -257,6 +267,9 @@ class _Emulator(kmock.KubernetesEmulator):
             details = {"name": name, "group": route.group, "kind": route.plural}
             return _status(409, "AlreadyExists", f'{route.qualified} "{name}" already exists', details)
         if request.action == kmock.action.DELETE:
+            if owner_uid:
+                async with self._lock:
+                    await self._collect_garbage(owner_uid)
             details = {"name": route.name, "group": route.group, "kind": route.plural}
             return _status(200, "", "", details)  # a real server's reply to an immediate delete
         return response
@@ -312,6 +325,19 @@ class _Emulator(kmock.KubernetesEmulator):
                     yield event
         finally:
             await bus.unmark(marker)
+
+    async def _collect_garbage(self, owner_uid: str) -> None:
+        """Delete what ``owner_uid`` owned, and what that owned (the caller holds the lock)."""
+        for (resource, _, _), obj in list(self._objects.items()):
+            if obj.deleted:
+                continue
+            meta = obj.raw.get("metadata") or {}
+            if any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+                raw = copy.deepcopy(obj.raw)
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+                if meta.get("uid"):
+                    await self._collect_garbage(meta["uid"])
 
     @staticmethod
     def _gone(request: kmock.Request) -> bool:
@@ -496,6 +522,23 @@ class KubeEmulator:
                 return copy.deepcopy(obj.raw)
 
         return self._run(patch())
+
+    def delete(self, resource: str, namespace: str, name: str) -> None:
+        """Delete an object server-side, as the TTL controller does a finished Job; its dependents follow."""
+
+        async def delete() -> None:
+            key = (kmock.resource(RESOURCES[resource][0]), namespace, name)
+            async with self._emulator._lock:
+                if key not in self._emulator.objects or self._emulator.objects[key].deleted:
+                    raise KeyError(f"no {resource} {namespace}/{name}")
+                obj = self._emulator.objects[key]
+                raw = copy.deepcopy(obj.raw)
+                obj.delete()
+                await self._emulator._buses[key[0]].put({"type": "DELETED", "object": raw})
+                if (raw.get("metadata") or {}).get("uid"):
+                    await self._emulator._collect_garbage(raw["metadata"]["uid"])
+
+        self._run(delete())
 
     def set_log(self, namespace: str, pod: str, text: str) -> None:
         """Make ``read_namespaced_pod_log`` of that pod return ``text`` (the pod must exist: ``put`` it)."""

@@ -297,8 +297,15 @@ def test_the_installed_spec_renders_its_jobs(rendered, scenario, tmp_path):
     path.write_text(config_map["data"]["spec.yaml"])
     result = run_cli("render", "-f", path, "-o", "yaml", "--run", "chart-test")
     assert result.exit_code == 0, result.output + result.stderr
-    jobs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    jobs = [doc for doc in documents if doc["kind"] == "Job"]
     spec = parse_spec(yaml.safe_load(path.read_text()))
+    # A multi-node train step comes with its headless Service.
+    services = [doc for doc in documents if doc["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services] == (["chart-test-train"] if spec.train.nodes > 1 else [])
+    for service in services:
+        assert service["metadata"]["namespace"] == NAMESPACE
+        kubernetes_validate.validate(service, KUBERNETES_VERSIONS[-1], strict=True)
     steps = [
         "extract",
         "train",
@@ -343,6 +350,9 @@ def test_gpu_scheduling_reaches_the_spec(rendered):
     assert spec.kubernetes.kueue_queue == "gpu-queue"
     assert train.resources.requests == {"cpu": "32", "memory": "256Gi"}
     assert parse_spec(pipeline_of(rendered["cpu-demo"])).train.gpus == 0
+    multi_node = parse_spec(pipeline_of(rendered["multi-node"]))
+    assert (multi_node.train.nodes, multi_node.train.gpus) == (4, 8)
+    assert multi_node.kubernetes.kueue_queue == "gpu-queue"
     assert parse_spec(pipeline_of(rendered["qlora-7b"])).train.quantization == "4bit"
 
 
@@ -674,6 +684,8 @@ def test_rbac_is_exactly_what_the_controller_uses(rendered):
         (("batch",), ("jobs",)): sorted(["create", "get", "list", "watch", "delete"]),
         (("",), ("pods",)): ["get", "list", "watch"],
         (("",), ("pods/log",)): ["get"],
+        # A multi-node train step's headless Service: created, found again on a resubmit, deleted by cancel.
+        (("",), ("services",)): ["create", "delete", "get"],
     }
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []

@@ -394,3 +394,156 @@ def test_a_rejected_candidate_ends_the_run_as_rejected_and_is_not_exported(kube)
     time.sleep(0.5)
     assert _job(kube, f"{RUN}-export") is None
     assert [job["metadata"]["name"] for job in kube.objects("jobs", NS)][-1] == f"{RUN}-evaluate"
+
+
+# --- multi-node: an Indexed Job and its headless Service --------------------------------------------
+
+
+def _node_pod(kube: KubeEmulator, job: dict, index: int, phase: str, exit_code: int | None = None, **ended: str) -> str:
+    """What the Job controller and kubelet make of an Indexed Job: pod JOB-INDEX-xxxxx, labelled with its index."""
+    name = job["metadata"]["name"]
+    state: dict[str, Any] = {"running": {}} if exit_code is None else {"terminated": {"exitCode": exit_code, **ended}}
+    pod = f"{name}-{index}-q8z4w"
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod,
+                "namespace": NS,
+                "labels": {
+                    "batch.kubernetes.io/job-name": name,
+                    "batch.kubernetes.io/controller-uid": job["metadata"]["uid"],
+                    "batch.kubernetes.io/job-completion-index": str(index),
+                },
+                "ownerReferences": [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"]}
+                ],
+            },
+            "spec": {"containers": [{"name": "train", "image": "img"}], "hostname": f"{name}-{index}"},
+            "status": {
+                "phase": phase,
+                "containerStatuses": [
+                    {"name": "train", "ready": exit_code is None, "restartCount": 0, "image": "img", "imageID": ""}
+                    | {"state": state}
+                ],
+            },
+        }
+    )
+    return pod
+
+
+def _service(kube: KubeEmulator, name: str) -> dict | None:
+    return next((s for s in kube.objects("services", NS) if s["metadata"]["name"] == name), None)
+
+
+def test_multi_node_train_creates_its_indexed_job_and_service_reports_each_index_and_cancel_cleans_up(kube):
+    from saige_k8s.cli import _state
+
+    cluster = Cluster(kube.api_client(), NS)
+    backend = controller.KubernetesBackend(cluster)
+    submission = Submission(cluster, Run(_spec(nodes=2), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    train_name = f"{RUN}-train"
+    assert wait_for(lambda: _service(kube, train_name) is not None, 10), submission.messages
+    train, service = _job(kube, train_name), _service(kube, train_name)
+    assert train["spec"]["completionMode"] == "Indexed" and train["spec"]["completions"] == 2
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    # The Service belongs to the Job that was created: whatever deletes the Job deletes it.
+    assert service["metadata"]["ownerReferences"][0]["uid"] == train["metadata"]["uid"]
+    sent = _sent_objects(kube)
+    assert [(o["kind"], o["metadata"]["name"]) for o in sent] == [
+        ("Job", f"{RUN}-extract"),
+        ("Job", train_name),
+        ("Service", train_name),
+    ]
+    for obj in sent:
+        for version in VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert f"train: created headless Service {train_name}" in submission.messages
+
+    # Each index's state: node 0 runs, node 1 waits for its GPUs.
+    zero = _node_pod(kube, train, 0, "Running")
+    _node_pod(kube, train, 1, "Pending")
+    kube.patch_status("jobs", NS, train_name, {"active": 2})
+    row = backend.status(RUN)[-1]
+    assert (row.step, row.state, row.indexes) == ("train", "Running", {"0": "Running", "1": "Pending"})
+    assert _state(row) == "Running [0:Running 1:Pending]"
+    # logs: node 0 by default (it reports), any node with --index.
+    one = _node_pod(kube, train, 1, "Running")
+    kube.set_log(NS, zero, "step 10 loss 2.1\n")
+    kube.set_log(NS, one, "rank 1 ready\n")
+    assert [list(lines) for _, lines in [backend.logs(RUN, "train", False)]] == [["step 10 loss 2.1"]]
+    pod, lines = backend.logs(RUN, "train", False, index=1)
+    assert (pod, list(lines)) == (one, ["rank 1 ready"])
+    with pytest.raises(InputError, match=r"has no index 2 \(it has indexes 0 to 1\)"):
+        backend.logs(RUN, "train", False, index=2)
+    with pytest.raises(InputError, match=r"has no index 1 \(it has one pod, no index\)"):
+        backend.logs(RUN, "extract", False, index=1)
+
+    # cancel deletes the Job and its Service (and the pods, which the Job owns).
+    assert backend.cancel(RUN) == [f"{RUN}-extract", train_name]
+    assert wait_for(lambda: submission.error is not None, 10)
+    assert "deleted" in str(submission.error)
+    assert kube.objects("jobs", NS) == [] and kube.objects("services", NS) == []
+    service_calls = [(s.method, s.path.rsplit("/", 1)[-1]) for s in kube.requests() if "/services" in s.path]
+    assert service_calls == [("POST", "services"), ("DELETE", train_name)]
+    assert [p["metadata"]["name"] for p in kube.objects("pods", NS)] == [f"{RUN}-extract-x7k2p"]
+
+
+def test_a_failed_index_fails_the_step_naming_it_and_the_ttl_takes_the_service(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(nodes=3), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10), submission.messages
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    train_name = f"{RUN}-train"
+    assert wait_for(lambda: _service(kube, train_name) is not None, 10), submission.messages
+    train = _job(kube, train_name)
+    # Node 2 ran out of memory first; the Job controller then stopped nodes 0 and 1.
+    _node_pod(kube, train, 0, "Failed", 143, finishedAt="2026-12-01T10:00:09Z", message="stopped")
+    _node_pod(kube, train, 1, "Failed", 143, finishedAt="2026-12-01T10:00:08Z")
+    oom = "step 40 loss 1.2\nsaige-k8s: error: out of memory: try --use-4bit"
+    _node_pod(kube, train, 2, "Failed", 1, finishedAt="2026-12-01T10:00:05Z", message=oom)
+    failed = {
+        "type": "Failed",
+        "status": "True",
+        "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit",
+    }
+    kube.patch_status("jobs", NS, train_name, {"conditions": [failed], "completedIndexes": ""})
+    submission.join()
+    assert isinstance(submission.error, controller.StepFailed)
+    assert submission.error.exit_code == 1
+    assert str(submission.error) == (
+        f"step train failed (BackoffLimitExceeded, Job {train_name}, index 2 exited with 1): "
+        "saige-k8s: error: out of memory: try --use-4bit"
+    )
+    row = controller.KubernetesBackend(cluster).status(RUN)[-1]
+    assert (row.state, row.indexes) == ("Failed", {"0": "Failed", "1": "Failed", "2": "Failed"})
+    # The TTL controller deletes the finished Job; the Service and pods go with it.
+    kube.delete("jobs", NS, train_name)
+    assert _service(kube, train_name) is None
+    assert not [p for p in kube.objects("pods", NS) if p["metadata"]["name"].startswith(train_name)]
+
+
+def test_a_config_error_on_one_index_is_exit_code_2_and_completed_indexes_count(kube):
+    cluster = Cluster(kube.api_client(), NS)
+    submission = Submission(cluster, Run(_spec(nodes=2), RUN))
+    assert wait_for(lambda: _job(kube, f"{RUN}-extract") is not None, 10)
+    _finish(kube, f"{RUN}-extract", "extract", message=_summary(kept=480))
+    train_name = f"{RUN}-train"
+    assert wait_for(lambda: _service(kube, train_name) is not None, 10)
+    train = _job(kube, train_name)
+    _node_pod(kube, train, 0, "Succeeded", 0)
+    kube.patch_status("jobs", NS, train_name, {"completedIndexes": "0", "active": 1})
+    _node_pod(kube, train, 1, "Running")
+    row = controller.KubernetesBackend(cluster).status(RUN)[-1]
+    assert row.indexes == {"0": "Succeeded", "1": "Running"}
+    _node_pod(kube, train, 1, "Failed", 2, message="saige-k8s: error: dataset has no train split")
+    failed = {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}
+    kube.patch_status("jobs", NS, train_name, {"conditions": [failed], "active": 0})
+    submission.join()
+    assert isinstance(submission.error, controller.StepFailed)
+    assert submission.error.exit_code == 2
+    assert "index 1 exited with 2" in str(submission.error)

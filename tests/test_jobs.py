@@ -254,3 +254,158 @@ def test_the_detached_controller_job_runs_submit_in_the_cluster_with_the_full_sp
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     document = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"]["saige.io/spec"])
     assert parse_spec(document) == spec  # the kubernetes block included: it makes the step Jobs
+
+
+# --- multi-node: an Indexed Job and its headless Service ------------------------------------------
+
+
+def _multi_node(nodes: int = 3, **kubernetes: object) -> PipelineSpec:
+    return parse_spec(
+        {
+            "name": "big",
+            "train": {"nodes": nodes, "gpus": 8, "rendezvous_timeout": 1200},
+            "kubernetes": {"kueue_queue": "gpu-queue", **kubernetes},
+        }
+    )
+
+
+def test_multi_node_train_is_an_indexed_job_with_a_headless_service_valid_and_restricted():
+    from saige_k8s.runners.jobs import construct_step_service, pipeline_objects
+    from tests.pod_security import violations
+
+    # NCCL and gloo settings reach every pod of the group through the train pod's env.
+    run = Run(_multi_node(train={"env": {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "eth0"}}), "big-1")
+    objects = [to_dict(obj) for obj in pipeline_objects(run)]
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("Job", "big-1-extract"),
+        ("Job", "big-1-train"),
+        ("Service", "big-1-train"),
+        ("Job", "big-1-evaluate"),
+    ]
+    for obj in objects:
+        for version in VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        if obj["kind"] == "Job":
+            assert violations(_pod(obj), obj["spec"]["template"]["metadata"].get("annotations")) == []
+    train, service = objects[1], objects[2]
+    spec = train["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    # A lost member ends the group: no pod is retried or replaced into it.
+    assert spec["backoffLimit"] == 0
+    assert [rule["action"] for rule in spec["podFailurePolicy"]["rules"]] == ["FailJob"]
+    pod = _pod(train)
+    assert pod["subdomain"] == service["metadata"]["name"] == "big-1-train"
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    # The Service selects exactly the train pods of this run.
+    pod_labels = train["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["selector"]["saige.io/step"] == "train"
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[0] == "torchrun"
+    option = lambda name: command[command.index(name) + 1]  # noqa: E731
+    assert option("--nnodes") == "3"
+    assert option("--nproc-per-node") == "8"
+    assert option("--node-rank") == "$(JOB_COMPLETION_INDEX)"
+    assert option("--master-addr") == "big-1-train-0.big-1-train"  # index 0, under the Service
+    assert option("--master-port") == str(service["spec"]["ports"][0]["port"])
+    assert option("--rdzv-conf") == "timeout=1200"
+    assert option("--max-restarts") == "0"
+    env = {e["name"]: e for e in container["env"]}
+    # The variable the command line expands is declared in the container, before it is used.
+    assert container["env"][0]["name"] == "JOB_COMPLETION_INDEX"
+    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert env["NCCL_DEBUG"]["value"] == "INFO" and env["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # Kueue admits the Job as one workload of all its pods.
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # Once created, the Service belongs to its Job: deleting the Job (cancel, TTL) deletes it.
+    from kubernetes import client
+
+    created = client.V1Job(metadata=client.V1ObjectMeta(name="big-1-train", uid="0f6c5b0e-1111-2222-3333-444455556666"))
+    owned = to_dict(construct_step_service(run, "train", owner=created))
+    assert owned["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": "big-1-train",
+            "uid": "0f6c5b0e-1111-2222-3333-444455556666",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    for version in VERSIONS:
+        kubernetes_validate.validate(owned, version, strict=True)
+
+
+def test_one_node_keeps_the_plain_job_and_its_retries():
+    spec = parse_spec({"train": {"gpus": 2}})
+    train = to_dict(construct_step_job(Run(spec, "r1"), "train"))
+    assert "completionMode" not in train["spec"] and "subdomain" not in _pod(train)
+    assert train["spec"]["backoffLimit"] == 2
+    assert [rule["action"] for rule in train["spec"]["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
+    assert _pod(train)["containers"][0]["command"][:2] == ["torchrun", "--standalone"]
+
+
+def test_multi_node_names_must_fit_dns_and_the_render_command_prints_the_service(tmp_path):
+    # NAME-YYYYMMDD-HHMMSS-train-INDEX with the longest spec name still fits 63 characters.
+    longest = f"{'a' * 38}-20261201-000000"
+    construct_step_job(Run(_multi_node(nodes=99).model_copy(update={"name": "a" * 38}), longest), "train")
+    with pytest.raises(ConfigError, match="must start with a letter"):
+        construct_step_job(Run(_multi_node(), "9big-1"), "train")
+    with pytest.raises(ConfigError, match=r"pod host name '.*-train-98' is longer than 63"):
+        construct_step_job(Run(_multi_node(nodes=99), "a" * 55), "train")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "big", "train": {"nodes": 2}}))
+    result = run_cli("render", "-f", spec_path, "--run", "big-2", "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    kinds = [(item["kind"], item["metadata"]["name"]) for item in json.loads(result.stdout)["items"]]
+    assert ("Service", "big-2-train") in kinds
+    refused = run_cli("render", "-f", spec_path, "--run", "2big")
+    assert refused.exit_code == 2 and "must start with a letter" in refused.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"nodes": 0}}))
+    invalid = run_cli("render", "-f", bad)
+    assert invalid.exit_code == 2 and "train.nodes" in invalid.stderr
+
+
+def test_every_pipeline_pod_passes_pod_security_restricted_and_the_checker_catches_violations():
+    from tests.pod_security import violations
+
+    for spec_path in SPECS:
+        spec = load_spec(spec_path)
+        for job in map(to_dict, pipeline_jobs(Run(spec, f"{spec.name}-1"))):
+            assert violations(_pod(job)) == [], (spec_path.name, job["metadata"]["name"])
+    pod = _pod(to_dict(construct_step_job(Run(_multi_node(), "big-1"), "train")))
+    container = pod["containers"][0]
+    broken = {
+        **pod,
+        "hostNetwork": True,
+        "volumes": [*pod["volumes"], {"name": "host", "hostPath": {"path": "/"}}],
+        "containers": [
+            {
+                **container,
+                "ports": [{"containerPort": 29500, "hostPort": 29500}],
+                "securityContext": {
+                    **container["securityContext"],
+                    "allowPrivilegeEscalation": True,
+                    "capabilities": {"add": ["SYS_ADMIN"]},
+                    "seccompProfile": {"type": "Unconfined"},
+                },
+            }
+        ],
+    }
+    found = "\n".join(violations(broken))
+    for control in (
+        "host namespaces: hostNetwork",
+        "HostPath volumes: host",
+        "host ports",
+        "privilege escalation",
+        "does not drop ALL",
+        "adds ['SYS_ADMIN']",
+        "seccomp: train has Unconfined",
+    ):
+        assert control in found

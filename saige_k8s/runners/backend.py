@@ -65,6 +65,8 @@ class StepStatus:
     state: str
     started: str
     finished: str
+    #: A multi-node step's state per node (its completion index): "0" -> "Running", ...
+    indexes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,8 +98,13 @@ class Backend(abc.ABC):
         """The steps of one run, or of every run, in run then pipeline order."""
 
     @abc.abstractmethod
-    def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
-        """Whose log it is, and its lines: the given step's, else the run's latest step's."""
+    def logs(
+        self, run_id: str, step: StepName | None, follow: bool, index: int | None = None
+    ) -> tuple[str, Iterable[str]]:
+        """Whose log it is, and its lines: the given step's, else the run's latest step's.
+
+        ``index`` picks one node of a multi-node step (default: node 0, the one that reports).
+        """
 
     @abc.abstractmethod
     def cancel(self, run_id: str) -> list[str]:

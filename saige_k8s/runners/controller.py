@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from kubernetes import client
 
@@ -20,13 +20,16 @@ from saige_k8s.runners.backend import Backend, Outcome, Run, Say, StepFailed, St
 from saige_k8s.runners.jobs import (
     CONFIG_ERROR_EXIT,
     CONTROLLER,
+    INDEX_LABEL,
     PIPELINE_LABEL,
     REJECTED_EXIT,
     RUN_LABEL,
     STEP_LABEL,
     construct_controller_job,
     construct_step_job,
+    construct_step_service,
     pipeline_jobs,
+    step_nodes,
 )
 from saige_k8s.runners.kubernetes import Cluster
 from saige_k8s.spec import Step, StepName
@@ -53,6 +56,9 @@ class KubernetesBackend(Backend):
         job.metadata.namespace = cluster.namespace
         current = _ensure(cluster, run, step.name, job, say)
         name = current.metadata.name
+        group = step_nodes(run, step) > 1
+        if group:
+            _ensure_service(cluster, run, step.name, current, say)
         if self.follow:
             _follow(cluster, name, step.name, say)
         deadline = run.spec.kubernetes.pod(step.name).active_deadline_seconds or NO_DEADLINE_SECONDS
@@ -63,6 +69,8 @@ class KubernetesBackend(Backend):
             timeout=deadline + WAIT_SLACK_SECONDS,
         )
         failed = job_state(finished) == "Failed"
+        if failed and group:
+            _raise_group_failed(step.name, finished, cluster.job_pods(name))
         if not failed and not step.reports:
             return None
         ended, message = _last_termination(cluster, name, step.name)  # the pods are read once
@@ -77,6 +85,7 @@ class KubernetesBackend(Backend):
             meta_labels = job.metadata.labels or {}
             started = job.status.start_time if job.status else None
             finished = job.status.completion_time if job.status else None
+            indexed = _indexed(job)
             rows.append(
                 StepStatus(
                     run_id=meta_labels.get(RUN_LABEL, "?"),
@@ -86,22 +95,35 @@ class KubernetesBackend(Backend):
                     state=job_state(job),
                     started=started.isoformat(timespec="seconds") if started else "",
                     finished=finished.isoformat(timespec="seconds") if finished else "",
+                    indexes=index_states(job, self.cluster.job_pods(job.metadata.name)) if indexed else {},
                 )
             )
         return self.ordered(rows)
 
-    def logs(self, run_id: str, step: StepName | None, follow: bool) -> tuple[str, Iterable[str]]:
+    def logs(
+        self, run_id: str, step: StepName | None, follow: bool, index: int | None = None
+    ) -> tuple[str, Iterable[str]]:
         chosen = self.pick(run_id, step)
         pods = self.cluster.job_pods(chosen.job)
+        if chosen.indexes or index is not None:
+            wanted = str(index or 0)
+            if wanted not in chosen.indexes:
+                nodes = f"indexes 0 to {len(chosen.indexes) - 1}" if chosen.indexes else "one pod, no index"
+                raise InputError(f"step {chosen.step} of run {run_id} has no index {wanted} (it has {nodes})")
+            pods = [pod for pod in pods if (pod.metadata.labels or {}).get(INDEX_LABEL) == wanted]
         if not pods:
             raise InputError(f"Job {chosen.job} has no pod yet (state: {chosen.state})")
         pod = pods[-1].metadata.name
         return pod, self.cluster.pod_log(pod, chosen.step, follow=follow)
 
     def cancel(self, run_id: str) -> list[str]:
-        """Deletes the run's Jobs (their pods follow by garbage collection)."""
-        names = [job.metadata.name for job in self.cluster.list_jobs({RUN_LABEL: run_id})]
-        deleted = [name for name in names if self.cluster.delete_job(name)]
+        """Deletes the run's Jobs (their pods follow by garbage collection), and a multi-node step's Service."""
+        jobs = self.cluster.list_jobs({RUN_LABEL: run_id})
+        deleted = [job.metadata.name for job in jobs if self.cluster.delete_job(job.metadata.name)]
+        for job in jobs:
+            if _indexed(job):
+                # Owned by its Job, so the garbage collector would take it too; not left to chance.
+                self.cluster.delete_service(job.metadata.name)
         if not deleted:
             raise InputError(f"no run {run_id!r} in {self.where} (saige-k8s status lists the runs)")
         return deleted
@@ -135,6 +157,76 @@ def _ensure(cluster: Cluster, run: Run, step: str, job: client.V1Job, say: Say) 
         )
     say(f"{step}: Job {job.metadata.name} exists already; following it")
     return existing
+
+
+def _ensure_service(cluster: Cluster, run: Run, step: StepName, job: client.V1Job, say: Say) -> None:
+    """The group's headless Service, owned by its Job so that whatever deletes the Job deletes it."""
+    service = construct_step_service(run, step, owner=job)
+    service.metadata.namespace = cluster.namespace
+    name = service.metadata.name
+    if cluster.create_service(service) is not None:
+        say(f"{step}: created headless Service {name}")
+        return
+    existing = cluster.read_service(name)
+    if existing is None:  # deleted between our create and read: one more try
+        _ensure_service(cluster, run, step, job, say)
+        return
+    if (existing.metadata.labels or {}).get(RUN_LABEL) != run.run_id:
+        raise InputError(
+            f"a Service named {name} exists in namespace {cluster.namespace} but is not part of run "
+            f"{run.run_id}; delete it or choose another --run"
+        )
+
+
+def _indexed(job: client.V1Job) -> bool:
+    return bool(job.spec and job.spec.completion_mode == "Indexed")
+
+
+def _current_pods(job: client.V1Job, pods: list[client.V1Pod]) -> list[client.V1Pod]:
+    """The pods of this Job, not of an earlier one of the same name (cancelled, then submitted again)."""
+    uid = job.metadata.uid
+    return [p for p in pods if (p.metadata.labels or {}).get("batch.kubernetes.io/controller-uid", uid) == uid]
+
+
+def index_states(job: client.V1Job, pods: list[client.V1Pod]) -> dict[str, str]:
+    """Each node's state, from its newest pod (a completed index counts as Succeeded)."""
+    completions = job.spec.completions or 1
+    done = _index_set(job.status.completed_indexes if job.status else None)
+    states = {str(i): "Pending" for i in range(completions)}
+    for pod in _current_pods(job, pods):  # oldest first: the newest of an index wins
+        index = (pod.metadata.labels or {}).get(INDEX_LABEL)
+        if index in states:
+            states[index] = (pod.status.phase if pod.status else None) or "Pending"
+    return {i: "Succeeded" if int(i) in done else state for i, state in states.items()}
+
+
+def _index_set(ranges: str | None) -> set[int]:
+    """``"0,2-3"`` (a Job's completedIndexes) as {0, 2, 3}."""
+    found: set[int] = set()
+    for part in filter(None, (ranges or "").split(",")):
+        first, _, last = part.partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found
+
+
+def _raise_group_failed(step: StepName, job: client.V1Job, pods: list[client.V1Pod]) -> None:
+    """A failed group, told by the node that failed first (the others were stopped because of it)."""
+    failures = []
+    for pod in _current_pods(job, pods):
+        index = (pod.metadata.labels or {}).get(INDEX_LABEL, "?")
+        for status in (pod.status.container_statuses or []) if pod.status else []:
+            ended = status.state.terminated if status.state else None
+            if status.name == step and ended is not None and ended.exit_code != 0:
+                failures.append((ended.finished_at or pod.metadata.creation_timestamp, index, ended))
+        if pod.status and pod.status.phase == "Failed" and pod.status.reason:  # evicted: no container ended
+            failures.append((pod.metadata.creation_timestamp, index, pod.status))
+    if not failures:
+        _raise_failed(step, job, None, "")
+    failures.sort(key=lambda failure: str(failure[0] or ""))
+    _, index, first = failures[0]
+    if isinstance(first, client.V1ContainerStateTerminated):
+        _raise_failed(step, job, first.exit_code, first.message or "", f"index {index} exited with {first.exit_code}")
+    _raise_failed(step, job, None, first.message or "", f"index {index} {first.reason}")
 
 
 def _still(cluster: Cluster, job_name: str, step: str, say: Say) -> None:
@@ -172,13 +264,16 @@ def job_state(job: client.V1Job) -> str:
     return "Pending"
 
 
-def _raise_failed(step: StepName, job: client.V1Job, exit_code: int | None, message: str) -> None:
+def _raise_failed(step: StepName, job: client.V1Job, exit_code: int | None, message: str, which: str = "") -> NoReturn:
     failed = next(c for c in job.status.conditions if c.type == "Failed" and c.status == "True")
     reason = failed.reason or "Failed"
     detail = message.strip().splitlines()[-1] if message.strip() else (failed.message or "")
     where = f": {detail}" if detail else ""
+    which = f", {which}" if which else ""
     raise StepFailed(
-        step, f"failed ({reason}, Job {job.metadata.name}){where}", 2 if exit_code == CONFIG_ERROR_EXIT else 1
+        step,
+        f"failed ({reason}, Job {job.metadata.name}{which}){where}",
+        2 if exit_code == CONFIG_ERROR_EXIT else 1,
     )
 
 

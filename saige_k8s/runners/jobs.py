@@ -44,6 +44,11 @@ RUN_LABEL = "saige.io/pipeline-run"
 PIPELINE_LABEL = "saige.io/pipeline"
 STEP_LABEL = "saige.io/step"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Set by the Job controller on an Indexed Job's pods (and read from the downward API here).
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+INDEX_ENV = "JOB_COMPLETION_INDEX"
+#: Node 0's torchrun hosts the group's rendezvous store on this port.
+RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 #: Exit code of configuration and input errors: retrying cannot help, so the Job fails at once.
 CONFIG_ERROR_EXIT = 2
@@ -64,9 +69,29 @@ def pipeline_jobs(run: Run) -> list[client.V1Job]:
     return [construct_step_job(run, step.name) for step in run.steps]
 
 
+def pipeline_objects(run: Run) -> list[client.V1Job | client.V1Service]:
+    """The run's Jobs, each multi-node one followed by its headless Service (what ``render`` prints)."""
+    objects: list[client.V1Job | client.V1Service] = []
+    for job, step in zip(pipeline_jobs(run), run.steps, strict=True):
+        objects.append(job)
+        if step_nodes(run, step) > 1:
+            objects.append(construct_step_service(run, step.name))
+    return objects
+
+
+def step_nodes(run: Run, step: Step) -> int:
+    """Pods of one run of the step: more than one form a torchrun group (an Indexed Job)."""
+    return step.nodes(run.spec) if step.nodes else 1
+
+
 def step_context(run: Run, step: Step) -> StepContext:
-    """How a step's command line reads in its pod: the image's programs, the mounted spec and volume."""
+    """How a step's command line reads in its pod: the image's programs, the mounted spec and volume.
+
+    A multi-node step's pod takes its node rank from its completion index, and finds node 0
+    at its stable name under the headless Service (``JOB-0.JOB``).
+    """
     kube = run.spec.kubernetes
+    name = job_name(run.run_id, step.name)
     return StepContext(
         spec=run.spec,
         programs=Programs.image(),
@@ -75,6 +100,9 @@ def step_context(run: Run, step: Step) -> StepContext:
         run_id=run.run_id,
         processes=max(1, step.gpus(run.spec)) if step.gpus else 1,
         summary_file=TERMINATION_LOG if step.reports else None,
+        node_rank=f"$({INDEX_ENV})",
+        master_addr=f"{name}-0.{name}",
+        master_port=RENDEZVOUS_PORT,
     )
 
 
@@ -87,6 +115,9 @@ def construct_step_job(run: Run, name: str) -> client.V1Job:
     """The Job of the step of that name (an unknown name is an error, never another step's Job)."""
     spec, kube, step = run.spec, run.spec.kubernetes, spec_step(name)
     pod = kube.pod(step.name)
+    nodes = step_nodes(run, step)
+    if nodes > 1:
+        _check_group_names(run, step, nodes)
     labels = _labels(run, step.name)
     job_labels = {**labels, KUEUE_LABEL: kube.kueue_queue} if kube.kueue_queue else labels
     context = step_context(run, step)
@@ -111,21 +142,101 @@ def construct_step_job(run: Run, name: str) -> client.V1Job:
         runtime_class_name=pod.runtime_class_name,
         priority_class_name=pod.priority_class_name,
     )
+    job_spec = client.V1JobSpec(
+        backoff_limit=pod.backoff_limit,
+        active_deadline_seconds=pod.active_deadline_seconds,
+        ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
+        pod_failure_policy=_failure_policy(step.name, rejects=step.rejects),
+        template=client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels=labels, annotations={SPEC_ANNOTATION: spec_document(spec)}),
+            spec=pod_spec,
+        ),
+    )
+    if nodes > 1:
+        _make_group(job_spec, step, nodes, service=job_name(run.run_id, step.name))
     return client.V1Job(
         api_version="batch/v1",
         kind="Job",
         metadata=client.V1ObjectMeta(name=job_name(run.run_id, step.name), namespace=kube.namespace, labels=job_labels),
-        spec=client.V1JobSpec(
-            backoff_limit=pod.backoff_limit,
-            active_deadline_seconds=pod.active_deadline_seconds,
-            ttl_seconds_after_finished=kube.ttl_seconds_after_finished,
-            pod_failure_policy=_failure_policy(step.name, rejects=step.rejects),
-            template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels, annotations={SPEC_ANNOTATION: spec_document(spec)}),
-                spec=pod_spec,
-            ),
+        spec=job_spec,
+    )
+
+
+def _make_group(job_spec: client.V1JobSpec, step: Step, nodes: int, service: str) -> None:
+    """One torchrun group: N indexed pods started together, which succeed or fail together.
+
+    A group cannot survive a lost member: the others' collectives fail (gloo at once, NCCL at
+    its timeout) and a replacement could not join the running group. So the first failed pod
+    fails the whole Job (``backoffLimit: 0``), which stops the other pods at once instead of
+    leaving them to hang; an evicted or preempted pod ends it too, rather than being replaced
+    into a group that no longer exists. A rerun starts a fresh group that resumes from the
+    newest checkpoint on the shared volume.
+    """
+    job_spec.completion_mode = "Indexed"
+    job_spec.completions = job_spec.parallelism = nodes
+    job_spec.backoff_limit = 0
+    rules = job_spec.pod_failure_policy.rules
+    job_spec.pod_failure_policy.rules = [rule for rule in rules if rule.action != "Ignore"]
+    pod_spec = job_spec.template.spec
+    pod_spec.subdomain = service
+    index = client.V1EnvVar(
+        name=INDEX_ENV,
+        value_from=client.V1EnvVarSource(
+            field_ref=client.V1ObjectFieldSelector(field_path=f"metadata.annotations['{INDEX_LABEL}']")
         ),
     )
+    container = next(c for c in pod_spec.containers if c.name == step.name)
+    # Declared first: the command line spells the node rank $(JOB_COMPLETION_INDEX).
+    container.env = [index, *(container.env or [])]
+    container.ports = [client.V1ContainerPort(name="rendezvous", container_port=RENDEZVOUS_PORT)]
+
+
+def construct_step_service(run: Run, name: str, owner: client.V1Job | None = None) -> client.V1Service:
+    """The headless Service that gives a multi-node step's pods their stable names (``JOB-K.JOB``).
+
+    It publishes pods before they are ready, so node 0's name resolves while the group is
+    still gathering. With ``owner`` (the created Job), it is deleted with that Job: by
+    ``cancel``, or by the TTL controller once the Job has finished.
+    """
+    kube, step = run.spec.kubernetes, spec_step(name)
+    service = job_name(run.run_id, step.name)
+    owners = None
+    if owner is not None:
+        owners = [
+            client.V1OwnerReference(
+                api_version="batch/v1",
+                kind="Job",
+                name=owner.metadata.name,
+                uid=owner.metadata.uid,
+                controller=True,
+                block_owner_deletion=True,
+            )
+        ]
+    return client.V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=client.V1ObjectMeta(
+            name=service, namespace=kube.namespace, labels=_labels(run, step.name), owner_references=owners
+        ),
+        spec=client.V1ServiceSpec(
+            cluster_ip="None",
+            publish_not_ready_addresses=True,
+            selector={RUN_LABEL: run.run_id, STEP_LABEL: step.name},
+            ports=[client.V1ServicePort(name="rendezvous", port=RENDEZVOUS_PORT, target_port="rendezvous")],
+        ),
+    )
+
+
+def _check_group_names(run: Run, step: Step, nodes: int) -> None:
+    """Each pod is named JOB-INDEX in DNS, and the Service JOB must start with a letter."""
+    name = job_name(run.run_id, step.name)
+    if not name[0].isalpha():
+        raise ConfigError(f"a multi-node run id must start with a letter ({name!r} also names a Service)")
+    host = f"{name}-{nodes - 1}"
+    if len(host) > MAX_NAME:
+        raise ConfigError(
+            f"pod host name {host!r} is longer than {MAX_NAME} characters: use a shorter run id or spec name"
+        )
 
 
 def _volumes(run: Run, step: Step | None, pod: PodSpec) -> list[client.V1Volume]:

@@ -192,6 +192,31 @@ class Cluster:
                 log.debug("watch on %s dropped (%s); listing again", name, exc)
                 time.sleep(1)
 
+    # -- Services (a multi-node step's headless Service) ------------------------------------------
+
+    def create_service(self, service: client.V1Service) -> client.V1Service | None:
+        """The created Service, or None when one of that name exists already."""
+        try:
+            return self._call(
+                "create", "services", lambda: self.core.create_namespaced_service(self.namespace, service)
+            )
+        except _Conflict:
+            return None
+
+    def read_service(self, name: str) -> client.V1Service | None:
+        try:
+            return self._call("get", "services", lambda: self.core.read_namespaced_service(name, self.namespace))
+        except _NotFound:
+            return None
+
+    def delete_service(self, name: str) -> bool:
+        """False if it was already gone (its Job's deletion takes it along, as its owner)."""
+        try:
+            self._call("delete", "services", lambda: self.core.delete_namespaced_service(name, self.namespace))
+        except _NotFound:
+            return False
+        return True
+
     # -- Pods -----------------------------------------------------------------------------------
 
     def job_pods(self, job_name: str) -> list[client.V1Pod]:

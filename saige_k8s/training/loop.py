@@ -6,6 +6,9 @@ Checkpoints (the trainable LoRA weights, optimizer, scheduler, RNG, and where in
 go to ``RUN/checkpoints/step-N`` every ``save_steps`` optimizer steps and when SIGTERM arrives;
 a rerun with the same run directory continues from the newest one that is whole, at the same
 step. The frozen base is not saved: it is loaded again from the model, as on the first run.
+The same holds across machines (``train.nodes``, on a shared volume): the global rank 0 alone
+writes checkpoints' shared files, TensorBoard, the metrics and the adapter, each rank adds its
+RNG state to a checkpoint, and on a rerun rank 0 picks the checkpoint that every rank loads.
 """
 
 from __future__ import annotations
@@ -295,11 +298,11 @@ def _should_stop(accelerator: Any) -> bool:
 
 def _save_only_trainable(accelerator: Any, model: Any) -> None:
     """Checkpoints hold the trainable (LoRA) weights only: the frozen base is the model as loaded."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = set(_trainable_shapes(model))
 
     def keep_trainable(_models: list[Any], weights: list[dict[str, Any]], _output_dir: str) -> None:
         for i, state_dict in enumerate(weights):
-            weights[i] = {k: v for k, v in state_dict.items() if k in trainable}
+            weights[i] = {k: v for k, v in state_dict.items() if _plain(k) in trainable}
 
     accelerator.register_save_state_pre_hook(keep_trainable)
 
@@ -320,6 +323,16 @@ def _checkpoint(accelerator: Any, options: TrainOptions, state: _State, owner: i
     accelerator.wait_for_everyone()
 
 
+def _plain(name: str) -> str:
+    """A parameter's name without the ``module.`` a multi-process (DDP) wrapper puts before it."""
+    return name.removeprefix("module.")
+
+
+def _trainable_shapes(model: Any) -> dict[str, list[int]]:
+    """The trainable weights by their plain name: the same whether one process or several saved them."""
+    return {_plain(key): list(p.shape) for key, p in model.named_parameters() if p.requires_grad}
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporaries are hidden, named ``.tmp-step-N-PID``)."""
     return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
@@ -329,7 +342,7 @@ def _unusable(checkpoint: Path, model: Any, accelerator: Any) -> str | None:
     """Why this run cannot resume from ``checkpoint`` (None: every file it needs is there and loads)."""
     from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
 
-    trainable = {key: list(p.shape) for key, p in model.named_parameters() if p.requires_grad}
+    trainable = _trainable_shapes(model)
     needed = [STATE, SAFE_WEIGHTS_NAME, f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"]
     needed += [f"{RNG_STATE_NAME}_{i}.pkl" for i in range(accelerator.num_processes)]
     if accelerator.scaler is not None:
@@ -358,7 +371,7 @@ def _check_file(checkpoint: Path, name: str, trainable: dict[str, list[int]]) ->
         return None if checkpoint.name == f"step-{step:08d}" else f"is for step {step}"
     if name.endswith(".safetensors"):
         with safe_open(path, "pt") as weights:  # checks the header against the file's size
-            shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+            shapes = {_plain(key): list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
         wrong = [key for key, shape in trainable.items() if shapes.get(key) != shape]
         return f"lacks {wrong[0]} or has it in another shape (another LoRA setting?)" if wrong else None
     loaded = load(path, map_location="cpu")
@@ -390,11 +403,25 @@ def _resume(accelerator: Any, model: Any, run_dir: Path) -> _State:
     try:
         # The saved weights are the trainable ones; ``_unusable`` made sure every one of them is there.
         accelerator.load_state(str(chosen), strict=False)
+        _check_loaded(model, chosen)
     except Exception as exc:  # noqa: BLE001 - checked just before; one clear line if it still fails
         raise RuntimeFailure(f"cannot resume from checkpoint {chosen}: {type(exc).__name__}: {exc}") from None
     state = _State(**json.loads((chosen / STATE).read_text()))
     log.info("resuming at step %d (epoch %d, batch %d) from %s", state.step, state.epoch, state.batch_in_epoch, chosen)
     return state
+
+
+def _check_loaded(model: Any, checkpoint: Path) -> None:
+    """Every rank holds the checkpoint's trainable weights now (a load with ``strict=False`` could skip them)."""
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    saved = {_plain(key): value for key, value in load_file(checkpoint / SAFE_WEIGHTS_NAME).items()}
+    for key, parameter in model.named_parameters():
+        if parameter.requires_grad and not torch.equal(
+            parameter.detach().cpu(), saved[_plain(key)].to(parameter.dtype)
+        ):
+            raise RuntimeFailure(f"resuming from {checkpoint}: {_plain(key)} did not load")
 
 
 class _PlainProgress:
