@@ -265,7 +265,7 @@ def extract(
 
         def textfile(manifest: dict[str, Any], directory: Path) -> None:  # before the dataset is published
             registry = metrics.extraction_registry(manifest, min_examples=spec.extract.min_examples)
-            metrics.write_textfile(registry, directory)
+            metrics.write_textfile(registry, directory, spec.name)
 
         result = run_extract(dataclasses.replace(request, before_publish=textfile))
         registry = metrics.extraction_registry(result.manifest, min_examples=spec.extract.min_examples)
@@ -421,7 +421,7 @@ def train(
     from saige_k8s import metrics as prometheus
 
     registry = prometheus.training_registry(metrics)
-    prometheus.write_textfile(registry, run_dir)
+    prometheus.write_textfile(registry, run_dir, spec.name)
     prometheus.push(registry, pushgateway, prometheus.TRAIN_JOB, spec.name)
     click.echo(_trained(metrics, run_dir))
 
@@ -688,7 +688,7 @@ def evaluate(
     root = resolve_data_root(data_root, spec)
     result = evaluate_run(run_dir, root, spec.name, settings)
     registry = metrics.evaluation_registry(result, champion_since=champion_since(root, spec.name))
-    metrics.write_textfile(registry, run_dir, "eval.prom")
+    metrics.write_textfile(registry, run_dir, spec.name, "eval.prom")
     metrics.push(registry, pushgateway, metrics.EVALUATE_JOB, spec.name)
     line = summary(result)
     if summary_file is not None:
