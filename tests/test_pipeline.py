@@ -67,6 +67,8 @@ def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> No
 
     result = run_cli("run", "-f", _spec(tmp_path, str(tiny_model)))
     assert result.exit_code == 0, result.output
+    for part in ("Training Data Statistics:", "Funnel (rows removed at each step):", "Samples"):
+        assert part in result.output, result.output  # the extraction report, as extract prints it
     runs = list((tmp_path / "data" / "runs").iterdir())
     assert len(runs) == 1
     run = runs[0]
