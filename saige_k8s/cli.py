@@ -80,21 +80,39 @@ def cli(verbose: int, quiet: bool) -> None:
 
     \b
     Quick start (no cluster, no GPU):
-      saige-k8s demo-db --out saige.db --rows 5000
+      saige-k8s demo-db --db saige.db --rows 5000
       saige-k8s extract --db saige.db --format mistral
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _renamed(old: str, new: str, dest: str, **kwargs: Any):
+    """A flag's old spelling, hidden: it still works, with a warning line. The new flag's
+    parameter (named ``dest``) takes ``callback=_or_renamed``."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            click.echo(f"saige-k8s: warning: {old} is deprecated here; use {new}", err=True)
+            ctx.meta[f"saige_k8s.renamed.{dest}"] = value
+
+    return click.option(old, f"renamed_{dest}", hidden=True, expose_value=False, callback=remember, **kwargs)
+
+
+def _or_renamed(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """The flag's value, else its old spelling's (given on the command line, so processed first)."""
+    return value if value is not None else ctx.meta.get(f"saige_k8s.renamed.{param.name}")
+
+
 @cli.command("demo-db")
 @click.option(
-    "--out",
-    "out",
-    required=True,
+    "--db",
+    "db",
     metavar="PATH_OR_URL",
-    help="SQLite file to (re)create, or a SQLAlchemy URL (e.g. postgresql+psycopg://…).",
+    callback=_or_renamed,
+    help="SQLite file to (re)create, or a SQLAlchemy URL (e.g. postgresql+psycopg://…)  [required]",
 )
+@_renamed("--out", "--db", "db", metavar="PATH_OR_URL")
 @click.option("--rows", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of experiences.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same rows.")
 @click.option("--table", default="experiences", show_default=True)
@@ -106,13 +124,16 @@ def cli(verbose: int, quiet: bool) -> None:
     help="Median response length; lengths are log-normal up to 6 KB.",
 )
 @click.option(
-    "--if-missing", is_flag=True, help="Do nothing when --out is an existing file (how demo pipelines create it once)."
+    "--if-missing", is_flag=True, help="Do nothing when --db is an existing file (how demo pipelines create it once)."
 )
-def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: int, if_missing: bool) -> None:
+def demo_db(db: str | None, rows: int, seed: int, table: str, response_median_bytes: int, if_missing: bool) -> None:
     """Create a synthetic SAIGE experience database (realistic scores, a few broken rows)."""
     from saige_k8s.experiences.credentials import redact
     from saige_k8s.experiences.demo import DemoOptions, create_database
 
+    if db is None:
+        raise click.MissingParameter(param_hint="'--db'", param_type="option")
+    out = db
     if if_missing and is_sqlite_path(out) and Path(out).expanduser().is_file():
         click.echo(f"{redact(out)} exists; left as it is")
         return
@@ -120,14 +141,14 @@ def demo_db(out: str, rows: int, seed: int, table: str, response_median_bytes: i
     click.echo(f"Wrote {count} experiences to {redact(out)} (table {table}, seed {seed})")
 
 
-def _data_root_option(note: str = "", *aliases: str):
+def _data_root_option(note: str = ""):
     """--data-root, the shared volume's root, the same way on every command."""
     sentence = f" {note}" if note else ""
     return click.option(
         "--data-root",
-        *aliases,
         "data_root",
         type=click.Path(file_okay=False, path_type=Path),
+        callback=_or_renamed,
         help=f"Shared volume root.{sentence} [default: ${DATA_ROOT_ENV}, the spec's data_root, or ./saige-data]",
     )
 
@@ -187,15 +208,17 @@ def _filter_options(func):  # noqa: ANN001 - a click decorator
     type=float,
     help="Share of prompts held out for eval (all answers to a prompt on one side) [default: 0.05].",
 )
-@_data_root_option("The dataset goes to DATA_ROOT/datasets/ID.", "--out")
+@_data_root_option("The dataset goes to DATA_ROOT/datasets/ID.")
+@_renamed("--out", "--data-root", "data_root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--dataset-id", help="Name of the dataset directory [default: UTC timestamp + random suffix].")
 @click.option(
     "--csv",
-    "--output",
     "csv_path",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=_or_renamed,
     help="Also write the examples as CSV (the seed's output) to this file.",
 )
+@_renamed("--output", "--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable row instead of counting it.")
 @_pushgateway_option("dataset-quality metrics", "metrics.prom is always written into the dataset directory")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
@@ -265,7 +288,7 @@ def extract(
 
         def textfile(manifest: dict[str, Any], directory: Path) -> None:  # before the dataset is published
             registry = metrics.extraction_registry(manifest, min_examples=spec.extract.min_examples)
-            metrics.write_textfile(registry, directory)
+            metrics.write_textfile(registry, directory, spec.name)
 
         result = run_extract(dataclasses.replace(request, before_publish=textfile))
         registry = metrics.extraction_registry(result.manifest, min_examples=spec.extract.min_examples)
@@ -401,29 +424,31 @@ def train(
         raise click.UsageError("--use-4bit and --use-8bit exclude each other; pick one")
     from saige_k8s.dataset.writer import resolve_dataset
     from saige_k8s.spec import PipelineSpec, load_spec, override_train
+    from saige_k8s.training.quiet import expected_noise_silenced
 
-    with lifecycle.deferred():  # torch's import must not be interrupted from inside
-        from saige_k8s.training.loop import TrainOptions
-        from saige_k8s.training.loop import train as run_train
+    with expected_noise_silenced():  # from the imports on: bitsandbytes warns as it is imported
+        with lifecycle.deferred():  # torch's import must not be interrupted from inside
+            from saige_k8s.training.loop import TrainOptions
+            from saige_k8s.training.loop import train as run_train
 
-    spec = load_spec(spec_path) if spec_path else PipelineSpec()
-    if use_4bit or use_8bit:
-        flags["quantization"] = "4bit" if use_4bit else "8bit"
-    if target_modules:
-        flags["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
-    train_spec = override_train(spec.train, flags)
-    root = resolve_data_root(data_root, spec)
-    dataset_dir = resolve_dataset(root, dataset)
-    run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(train_spec.model)}"
-    metrics = run_train(TrainOptions(dataset=dataset_dir, run_dir=run_dir, spec=train_spec, progress=True))
-    if os.environ.get("RANK", "0") != "0":  # under a launcher, one process reports
-        return
-    from saige_k8s import metrics as prometheus
+        spec = load_spec(spec_path) if spec_path else PipelineSpec()
+        if use_4bit or use_8bit:
+            flags["quantization"] = "4bit" if use_4bit else "8bit"
+        if target_modules:
+            flags["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
+        train_spec = override_train(spec.train, flags)
+        root = resolve_data_root(data_root, spec)
+        dataset_dir = resolve_dataset(root, dataset)
+        run_dir = output_dir or root / "runs" / f"{dataset_dir.name}-{_slug(train_spec.model)}"
+        metrics = run_train(TrainOptions(dataset=dataset_dir, run_dir=run_dir, spec=train_spec, progress=True))
+        if os.environ.get("RANK", "0") != "0":  # under a launcher, one process reports
+            return
+        from saige_k8s import metrics as prometheus
 
-    registry = prometheus.training_registry(metrics)
-    prometheus.write_textfile(registry, run_dir)
-    prometheus.push(registry, pushgateway, prometheus.TRAIN_JOB, spec.name)
-    click.echo(_trained(metrics, run_dir))
+        registry = prometheus.training_registry(metrics)
+        prometheus.write_textfile(registry, run_dir, spec.name)
+        prometheus.push(registry, pushgateway, prometheus.TRAIN_JOB, spec.name)
+        click.echo(_trained(metrics, run_dir))
 
 
 def _trained(metrics: dict[str, Any], run_dir: Path | str) -> str:
@@ -792,16 +817,18 @@ def evaluate(
     from saige_k8s import metrics
     from saige_k8s.errors import CandidateRejected
     from saige_k8s.spec import PipelineSpec, load_spec
-
-    with lifecycle.deferred():
-        from saige_k8s.training.evaluate import champion_since, evaluate_run, summary
+    from saige_k8s.training.quiet import expected_noise_silenced
 
     spec = load_spec(spec_path) if spec_path else PipelineSpec()
     settings = spec.evaluate.model_copy(update={"suite": [*spec.evaluate.suite, *map(str, suites)]})
     root = resolve_data_root(data_root, spec)
-    result = evaluate_run(run_dir, root, spec.name, settings)
+    with expected_noise_silenced():
+        with lifecycle.deferred():
+            from saige_k8s.training.evaluate import champion_since, evaluate_run, summary
+
+        result = evaluate_run(run_dir, root, spec.name, settings)
     registry = metrics.evaluation_registry(result, champion_since=champion_since(root, spec.name))
-    metrics.write_textfile(registry, run_dir, "eval.prom")
+    metrics.write_textfile(registry, run_dir, spec.name, "eval.prom")
     metrics.push(registry, pushgateway, metrics.EVALUATE_JOB, spec.name)
     line = summary(result)
     if summary_file is not None:
@@ -887,10 +914,17 @@ def export(run_dir: Path, out: Path | None, force: bool) -> None:
     \b
     Then: ollama create saige-ethics -f RUN_DIR/Modelfile
     """
-    with lifecycle.deferred():
-        from saige_k8s.training.export import MODELFILE, export_run
+    if not run_dir.is_dir():  # before seconds of torch imports
+        raise InputError(
+            f"run directory {run_dir} does not exist" if not run_dir.exists() else f"{run_dir} is not a directory"
+        )
+    from saige_k8s.training.quiet import expected_noise_silenced
 
-    merged = export_run(run_dir, out, force=force)
+    with expected_noise_silenced():
+        with lifecycle.deferred():
+            from saige_k8s.training.export import MODELFILE, export_run
+
+        merged = export_run(run_dir, out, force=force)
     click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")
 
 
@@ -948,6 +982,9 @@ def _eval_fraction(value: float) -> float:
 
 
 def main() -> None:
+    from saige_k8s import console
+
+    console.bars_only_on_a_terminal()  # before anything imports tqdm
     lifecycle.install()
     try:
         cli(prog_name="saige-k8s")

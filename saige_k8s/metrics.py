@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway, pushadd_to_gateway
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -49,29 +49,30 @@ class ExtractionCollector(Collector):
         m = self.manifest
         counts, stats, source = m["counts"], m["stats"], m["source_stats"]
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        yield counter(
+        # Per-run values (each run replaces the last), so gauges: a counter that "resets" on
+        # every push reads as restarts to rate() and increase().
+        yield GaugeMetricFamily(
             "saige_extract_rows_scanned",
             "Rows of the experiences table judged by the last extraction.",
-            counts["scanned"],
+            value=counts["scanned"],
         )
-        yield counter(
-            "saige_extract_rows_kept", "Rows kept as training examples by the last extraction.", counts["kept"]
+        yield GaugeMetricFamily(
+            "saige_extract_rows_kept", "Rows kept as training examples by the last extraction.", value=counts["kept"]
         )
-        yield counter(
-            "saige_extract_rows_duplicate", "Exact duplicates removed by the last extraction.", counts["duplicates"]
+        yield GaugeMetricFamily(
+            "saige_extract_rows_duplicate",
+            "Exact duplicates removed by the last extraction.",
+            value=counts["duplicates"],
         )
         yield _labelled(
-            CounterMetricFamily,
+            GaugeMetricFamily,
             "saige_extract_rows_invalid",
             "Unusable rows by reason (last extraction).",
             "reason",
             m["invalid"],
         )
         yield _labelled(
-            CounterMetricFamily,
+            GaugeMetricFamily,
             "saige_extract_rows_removed",
             "Rows removed by each filter (last extraction).",
             "filter",
@@ -379,7 +380,7 @@ def write_pipeline_textfile(directory: Path, pipeline: str, succeeded: bool, sta
     """``directory/pipeline-<name>.prom``; after a failure it keeps the previous file's last success."""
     target = directory / f"pipeline-{pipeline}.prom"
     previous = None if succeeded else _read_value(target, LAST_SUCCESS)
-    return write_textfile(pipeline_registry(succeeded, started, finished, previous), directory, target.name)
+    return write_textfile(pipeline_registry(succeeded, started, finished, previous), directory, pipeline, target.name)
 
 
 def _read_value(path: Path, name: str) -> float | None:
@@ -461,17 +462,35 @@ _SAMPLE_TRAINING: dict[str, Any] = {
 }
 
 
-def write_textfile(registry: CollectorRegistry, directory: Path, name: str = TEXTFILE) -> Path:
-    """``directory/name`` (``metrics.prom``), replaced atomically."""
+def write_textfile(registry: CollectorRegistry, directory: Path, pipeline: str, name: str = TEXTFILE) -> Path:
+    """``directory/name`` (``metrics.prom``), replaced atomically.
+
+    Every sample carries ``pipeline="…"``: a textfile collector that scrapes the file adds no
+    grouping key, and the dashboard and alerts select by that label."""
     target = directory / name
     tmp = directory / f".{name}.{os.getpid()}"
+    labelled = CollectorRegistry(auto_describe=False)
+    labelled.register(_WithLabel(registry, "pipeline", pipeline))
     try:
-        tmp.write_bytes(generate_latest(registry))
+        tmp.write_bytes(generate_latest(labelled))
         os.replace(tmp, target)
     except BaseException:  # a full volume (or a signal) leaves no half file behind
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+class _WithLabel(Collector):
+    """A registry's families with one more label on every sample (the Pushgateway's grouping key,
+    for a file that has none)."""
+
+    def __init__(self, registry: CollectorRegistry, label: str, value: str) -> None:
+        self.registry, self.label, self.value = registry, label, value
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={self.label: self.value, **s.labels}) for s in family.samples]
+            yield family
 
 
 def push(registry: CollectorRegistry, gateway: str | None, job: str, pipeline: str, replace: bool = True) -> bool:

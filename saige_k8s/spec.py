@@ -479,20 +479,22 @@ def check_min_examples(summary: dict[str, Any], min_examples: int) -> None:
 
 def demo_db_command(programs: Programs, target: str, rows: int, seed: int) -> list[str]:
     """Creates the demo database once (``--if-missing``), so a demo pipeline runs anywhere."""
-    command = [*programs.cli, "demo-db", "--out", target, "--rows", str(rows), "--seed", str(seed)]
+    command = [*programs.cli, "demo-db", "--db", target, "--rows", str(rows), "--seed", str(seed)]
     return [*command, "--if-missing"]
 
 
 def extract_command(
     programs: Programs, spec_path: str, data_root: str, dataset_id: str, summary_file: str | None = None
 ) -> list[str]:
-    """Prints a one-line JSON summary (dataset id and counts) on stdout, and into ``summary_file``.
+    """Writes a one-line JSON summary (dataset id and counts) into ``summary_file`` and prints the
+    extraction report (statistics, funnel, samples) for the log; without a file, the JSON goes
+    to stdout instead.
 
     A rerun of the same run finds its dataset published and reports it (``--reuse-existing``).
     """
     command = [*programs.cli, "extract", "-f", spec_path, "--data-root", data_root, "--dataset-id", dataset_id]
-    command += ["--reuse-existing", "--json"]
-    return [*command, "--summary-file", summary_file] if summary_file else command
+    command += ["--reuse-existing"]
+    return [*command, "--summary-file", summary_file] if summary_file else [*command, "--json"]
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from saige_k8s.metrics import exported_metric_names
 from tests.chart_helpers import helm_binary, metric_names, one, render_scenario
-from tests.conftest import need_tool
+from tests.conftest import need_tool, run_cli
 
 if helm_binary() is None:
     need_tool("helm not found (on PATH or beside the Python interpreter); .ci/install-helm .venv/bin installs it")
@@ -444,3 +445,36 @@ def _description(groups: list[dict[str, Any]], alertname: str) -> str:
     (rule,) = [r for g in groups for r in g["rules"] if r["alert"] == alertname]
     assert "{{" not in rule["annotations"]["description"]
     return rule["annotations"]["description"]
+
+
+def test_a_textfile_collector_scrape_of_metrics_prom_matches_the_alerts(groups, demo_sqlite, tmp_path):
+    """metrics.prom scraped by node-exporter's textfile collector (job "node", no grouping key)
+    still carries the pipeline label: the dataset-below-minimum alert fires on it."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": PIPELINE, "extract": {"min_examples": 1_000_000}}))
+    result = run_cli("extract", "-f", str(spec), "--db", demo_sqlite, "--data-root", str(tmp_path / "d"), "--json")
+    assert result.exit_code == 0, result.output
+    text = next((tmp_path / "d" / "datasets").glob("*/metrics.prom")).read_text()
+    scraped = {"job": "node", "instance": "host:9100"}
+    input_series = [
+        series(sample.name, {**sample.labels, **scraped}, f"{sample.value:g}x20")
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in {"saige_dataset_examples", "saige_dataset_min_examples"}
+    ]
+    assert len(input_series) == 3, input_series
+    test = {
+        "interval": "1m",
+        "input_series": input_series,
+        "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "SaigeDatasetBelowMinimum",
+                "exp_alerts": [alert({"pipeline": PIPELINE, "job": "node"})],  # matched on (job, pipeline)
+            }
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": _without_annotations(groups)}))
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [test]}))
+    result = promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -843,9 +843,9 @@ def test_dashboard_json(path):
     # What the brief asks to see.
     for name in (
         "saige_dataset_examples",
-        "saige_extract_rows_removed_total",
-        "saige_extract_rows_invalid_total",
-        "saige_extract_rows_duplicate_total",
+        "saige_extract_rows_removed",
+        "saige_extract_rows_invalid",
+        "saige_extract_rows_duplicate",
         "saige_dataset_harm_mean",
         "saige_dataset_weighted_score_mean",
         "saige_source_harm_mean",

@@ -25,18 +25,37 @@ def test_help_explains_every_command() -> None:
         "--min-alignment",
         "--limit",
         "--format",
-        "--output",
         "--csv",
         "--preset",
         "--system-prompt",
         "--eval-fraction",
         "--data-root",
-        "--out",
         "--strict",
         "--max-deception",
         "--min-upekkha",
     ):
         assert flag in extract_help
+
+
+def test_old_flag_spellings_still_work_hidden_with_a_warning(tmp_path: Path) -> None:
+    """demo-db --out (now --db), extract --out (now --data-root) and --output (now --csv)."""
+    for command, old in (("demo-db", "--out"), ("extract", "--out"), ("extract", "--output")):
+        assert old not in run_cli(command, "--help").stdout.replace("--output-dir", "")
+    made = run_cli("demo-db", "--out", tmp_path / "old.db", "--rows", 200)
+    assert made.exit_code == 0 and (tmp_path / "old.db").is_file(), made.output
+    assert made.stderr.strip() == "saige-k8s: warning: --out is deprecated here; use --db"
+    extracted = run_cli(
+        "extract", "--db", tmp_path / "old.db", "--out", tmp_path / "root", "--output", tmp_path / "x.csv", "--json"
+    )
+    assert extracted.exit_code == 0, extracted.output
+    assert (tmp_path / "x.csv").is_file() and list((tmp_path / "root" / "datasets").iterdir())
+    warnings = [line for line in extracted.stderr.splitlines() if "deprecated" in line]
+    assert warnings == [
+        "saige-k8s: warning: --out is deprecated here; use --data-root",
+        "saige-k8s: warning: --output is deprecated here; use --csv",
+    ]
+    missing = run_cli("demo-db", "--rows", 5)
+    assert missing.exit_code == 2 and "Missing option '--db'" in missing.stderr
 
 
 def test_module_entry_point_and_version() -> None:
@@ -52,13 +71,13 @@ def _digest(path: Path) -> str:
 
 def test_demo_db_is_deterministic_per_seed(tmp_path: Path) -> None:
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        assert run_cli("demo-db", "--out", tmp_path / f"{name}.db", "--rows", 500, "--seed", seed).exit_code == 0
+        assert run_cli("demo-db", "--db", tmp_path / f"{name}.db", "--rows", 500, "--seed", seed).exit_code == 0
     assert _digest(tmp_path / "a.db") == _digest(tmp_path / "b.db") != _digest(tmp_path / "c.db")
 
 
 def test_demo_db_is_realistic(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
-    run_cli("demo-db", "--out", db, "--rows", 20_000, "--seed", 5)
+    run_cli("demo-db", "--db", db, "--rows", 20_000, "--seed", 5)
     with sqlite3.connect(db) as conn:
         q = lambda sql: conn.execute(sql).fetchall()  # noqa: E731
         labels = dict(q("SELECT buddhist_alignment, COUNT(*) FROM experiences GROUP BY 1"))
@@ -89,7 +108,7 @@ def test_demo_db_is_realistic(tmp_path: Path) -> None:
 
 
 def test_demo_db_bad_target(tmp_path: Path) -> None:
-    result = run_cli("demo-db", "--out", tmp_path / "missing-dir" / "x.db")
+    result = run_cli("demo-db", "--db", tmp_path / "missing-dir" / "x.db")
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
@@ -113,9 +132,9 @@ def test_a_pod_rerun_reports_the_published_dataset_and_leaves_a_summary(tmp_path
 
 def test_demo_db_if_missing_keeps_an_existing_database(tmp_path: Path) -> None:
     target = tmp_path / "demo.db"
-    assert run_cli("demo-db", "--out", target, "--rows", "20", "--if-missing").exit_code == 0
+    assert run_cli("demo-db", "--db", target, "--rows", "20", "--if-missing").exit_code == 0
     before = hashlib.sha256(target.read_bytes()).hexdigest()
-    result = run_cli("demo-db", "--out", target, "--rows", "50", "--seed", "3", "--if-missing")
+    result = run_cli("demo-db", "--db", target, "--rows", "50", "--seed", "3", "--if-missing")
     assert result.exit_code == 0
     assert "left as it is" in result.stdout
     assert hashlib.sha256(target.read_bytes()).hexdigest() == before

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,5 +294,21 @@ def test_csv_on_a_read_only_file_system(demo_sqlite: str, tmp_path: Path, monkey
 
 
 def test_demo_db_into_a_directory_is_a_usage_error(tmp_path: Path) -> None:
-    line = _one_error_line(run_cli("demo-db", "--out", tmp_path, "--rows", "5"), 2)
+    line = _one_error_line(run_cli("demo-db", "--db", tmp_path, "--rows", "5"), 2)
     assert "directory" in line and str(tmp_path) in line
+
+
+def test_export_of_a_path_that_does_not_exist_says_so_before_importing_torch(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-run"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "saige_k8s", "export", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "transformers" not in imported
+    (line,) = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert line == f"saige-k8s: error: run directory {missing} does not exist"

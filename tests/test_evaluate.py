@@ -102,8 +102,8 @@ def test_a_candidate_that_learnt_the_good_answers_is_promoted_over_the_base_mode
     assert set(report["comparison"]["principles"]) == {"ahimsa", "sacca", "karuna", "panna", "upekkha"}
     assert (root / "models" / "evaltest" / "CHAMPION").read_text().strip() == "taught-good"
     prom = (root / "runs" / "taught-good" / "eval.prom").read_text()
-    assert 'saige_eval_verdict{verdict="promoted"} 1.0' in prom
-    assert "saige_champion_promoted_timestamp_seconds " in prom
+    assert 'saige_eval_verdict{pipeline="evaltest",verdict="promoted"} 1.0' in prom
+    assert 'saige_champion_promoted_timestamp_seconds{pipeline="evaltest"} ' in prom
     again = run_cli("evaluate", root / "runs" / "taught-good", "-f", spec, "--json")  # a retried pod
     assert again.exit_code == 0 and json.loads(again.stdout) == summary
 
@@ -125,8 +125,12 @@ def test_a_candidate_that_learnt_the_bad_answers_is_rejected_naming_the_principl
     history = json.loads(run_cli("models", "-f", spec, "-o", "json").stdout)["history"]
     assert [(h["run_id"], h["verdict"]) for h in history][-1] == ("taught-bad", "rejected")
     prom = (root / "runs" / "taught-bad" / "eval.prom").read_text()
-    assert "saige_champion_promoted_timestamp_seconds " in prom  # the champion's age survives a rejection
-    assert any(f'saige_eval_regressed{{group="{name}",kind="principle"}} 1.0' in prom for name in named)
+    assert (
+        'saige_champion_promoted_timestamp_seconds{pipeline="evaltest"} ' in prom
+    )  # the champion's age survives a rejection
+    assert any(
+        f'saige_eval_regressed{{group="{name}",kind="principle",pipeline="evaltest"}} 1.0' in prom for name in named
+    )
     refused = run_cli("export", root / "runs" / "taught-bad")
     assert refused.exit_code == 2 and "was rejected by the gate" in refused.stderr
     assert not (root / "runs" / "taught-bad" / "merged").exists()

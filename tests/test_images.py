@@ -310,7 +310,7 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
 
 def demo_dataset(image: str, data: Path, rows: int) -> dict:
     """`saige-k8s demo-db` then `saige-k8s extract --json` in the extract image; the JSON summary."""
-    ok(run(image, data, "demo-db", "--out", "/data/demo.db", "--rows", str(rows)))
+    ok(run(image, data, "demo-db", "--db", "/data/demo.db", "--rows", str(rows)))
     return json.loads(ok(run(image, data, "extract", "--db", "/data/demo.db", "--data-root", "/data", "--json")))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from saige_k8s.metrics import (
     exported_metric_names,
@@ -55,6 +56,13 @@ def test_metrics_file_passes_promtool(demo_sqlite: str, tmp_path: Path) -> None:
     text = (dataset / "metrics.prom").read_text()
     _promtool_check(text)
     assert "dataset_id=" in text and "saige_dataset_info{" in text  # ids only in the _info series
+    families = list(text_string_to_metric_families(text))
+    # Every sample names its pipeline (a textfile scrape has no grouping key to add it).
+    assert all(s.labels.get("pipeline") == "saige" for f in families for s in f.samples)
+    # Per-run row counts are gauges (a counter would "reset" on every run).
+    kinds = {f.name: f.type for f in families}
+    for name in ("scanned", "kept", "duplicate", "invalid", "removed"):
+        assert kinds[f"saige_extract_rows_{name}"] == "gauge"
 
 
 @pytest.fixture
@@ -125,13 +133,13 @@ def test_pushed_values_read_back_through_prometheus_equal_the_manifest(
         return float(result[0]["value"][1])
 
     counts = manifest["counts"]
-    assert value("saige_extract_rows_scanned_total") == counts["scanned"]
-    assert value("saige_extract_rows_kept_total") == counts["kept"]
-    assert value("saige_extract_rows_duplicate_total") == counts["duplicates"]
+    assert value("saige_extract_rows_scanned") == counts["scanned"]
+    assert value("saige_extract_rows_kept") == counts["kept"]
+    assert value("saige_extract_rows_duplicate") == counts["duplicates"]
     for reason, n in manifest["invalid"].items():
-        assert value(f'saige_extract_rows_invalid_total{{reason="{reason}"}}') == n
+        assert value(f'saige_extract_rows_invalid{{reason="{reason}"}}') == n
     for name, n in manifest["removed"].items():
-        assert value(f'saige_extract_rows_removed_total{{filter="{name}"}}') == n
+        assert value(f'saige_extract_rows_removed{{filter="{name}"}}') == n
     assert value('saige_dataset_examples{split="train"}') == counts["train"]
     assert value("saige_dataset_harm_mean") == pytest.approx(manifest["stats"]["actual_harm"]["avg"])
     assert value("saige_dataset_harm_count") == counts["kept"]
@@ -349,8 +357,9 @@ def test_pipeline_textfile_keeps_the_last_success_after_a_failure(tmp_path: Path
     path = write_pipeline_textfile(tmp_path, "pipe", succeeded=False, started=30.0, finished=45.0)
     text = path.read_text()
     _promtool_check(text)
-    assert "saige_pipeline_last_success_timestamp_seconds 20.0" in text
-    assert "saige_pipeline_last_run_success 0.0" in text and "saige_pipeline_last_run_duration_seconds 15.0" in text
+    assert 'saige_pipeline_last_success_timestamp_seconds{pipeline="pipe"} 20.0' in text
+    assert 'saige_pipeline_last_run_success{pipeline="pipe"} 0.0' in text
+    assert 'saige_pipeline_last_run_duration_seconds{pipeline="pipe"} 15.0' in text
     (tmp_path / "new").mkdir()
     fresh = write_pipeline_textfile(tmp_path / "new", "pipe", succeeded=False, started=1.0, finished=2.0)
     assert "last_success" not in fresh.read_text()  # never succeeded: no timestamp rather than a made-up one

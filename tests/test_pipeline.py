@@ -67,6 +67,8 @@ def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> No
 
     result = run_cli("run", "-f", _spec(tmp_path, str(tiny_model)))
     assert result.exit_code == 0, result.output
+    for part in ("Training Data Statistics:", "Funnel (rows removed at each step):", "Samples"):
+        assert part in result.output, result.output  # the extraction report, as extract prints it
     runs = list((tmp_path / "data" / "runs").iterdir())
     assert len(runs) == 1
     run = runs[0]
@@ -80,8 +82,9 @@ def test_run_extracts_trains_and_exports(tmp_path: Path, tiny_model: Path) -> No
     generated = merged.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert (run / "Modelfile").read_text().startswith("FROM ./merged\n")
-    assert "saige_train_steps 40.0" in (run / "metrics.prom").read_text()
-    assert "saige_pipeline_last_run_success 1.0" in (tmp_path / "data" / "metrics" / "pipeline-pipe.prom").read_text()
+    assert 'saige_train_steps{pipeline="pipe"} 40.0' in (run / "metrics.prom").read_text()
+    pipeline_prom = (tmp_path / "data" / "metrics" / "pipeline-pipe.prom").read_text()
+    assert 'saige_pipeline_last_run_success{pipeline="pipe"} 1.0' in pipeline_prom
 
 
 def test_run_without_an_eval_split_trains_and_reports_no_eval_loss(tmp_path: Path, tiny_model: Path) -> None:

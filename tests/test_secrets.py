@@ -92,13 +92,13 @@ def test_an_unparsable_url_is_a_usage_error_that_does_not_show_it(tmp_path: Path
 @pytest.mark.parametrize("form", list(_forms("")))
 def test_demo_db_does_not_print_the_credential(tmp_path: Path, form: str) -> None:
     url = _forms(f"sqlite:///{tmp_path / 'demo.db'}")[form]
-    result = run_cli("demo-db", "--out", url, "--rows", "20")
+    result = run_cli("demo-db", "--db", url, "--rows", "20")
     assert result.exit_code == 0, result.output
     assert "Wrote 20 experiences" in result.stdout and SECRET not in result.output
 
 
 def test_demo_db_to_an_unreachable_server_shows_no_credential() -> None:
-    result = run_cli("demo-db", "--out", f"postgresql+psycopg://u:{SECRET}@127.0.0.1:{_free_port()}/db?sslpassword=x")
+    result = run_cli("demo-db", "--db", f"postgresql+psycopg://u:{SECRET}@127.0.0.1:{_free_port()}/db?sslpassword=x")
     assert result.exit_code == 1, result.output
     assert "cannot" in result.stderr and SECRET not in result.output
 

@@ -148,7 +148,7 @@ class _DemoDb:
 
     def trial_command(self, i: str) -> list[str]:
         self.out.unlink(missing_ok=True)
-        return _cli("demo-db", "--out", self.out, "--rows", self.rows, "--if-missing")
+        return _cli("demo-db", "--db", self.out, "--rows", self.rows, "--if-missing")
 
     def _rows(self) -> int:
         with contextlib.closing(sqlite3.connect(self.out)) as conn:
@@ -164,7 +164,7 @@ class _DemoDb:
 
     def rerun(self, i: str) -> None:
         subprocess.run(
-            _cli("demo-db", "--out", self.out, "--rows", self.rows, "--if-missing"), check=True, capture_output=True
+            _cli("demo-db", "--db", self.out, "--rows", self.rows, "--if-missing"), check=True, capture_output=True
         )
         assert self._rows() == self.rows
         assert sorted(p.name for p in self.dir.iterdir()) == ["saige.db"]  # a dead run's temporary is swept

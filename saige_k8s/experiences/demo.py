@@ -297,12 +297,12 @@ def create_database(target: str, options: DemoOptions, table: str = "experiences
     from saige_k8s.experiences.source import check_dialect
 
     if not is_sqlite_path(target):
-        url = parse_url(target, "--out")
+        url = parse_url(target, "--db")
         check_dialect(url)
         return _fill(url, options, table)
     path = Path(target).expanduser()
     if path.is_dir():
-        raise InputError(f"--out names a directory, not a database file: {redact(str(path))}")
+        raise InputError(f"--db names a directory, not a database file: {redact(str(path))}")
     if not path.parent.is_dir():
         raise InputError(f"directory does not exist: {redact(str(path.parent))}")
     remove_stale_temporaries(path.parent, f".{path.name}.*.tmp")

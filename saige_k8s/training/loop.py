@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from saige_k8s import lifecycle
+from saige_k8s import console, lifecycle
 from saige_k8s.errors import Interrupted, ResourceError, RuntimeFailure
 from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
@@ -150,6 +150,8 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         accelerator.init_trackers("tensorboard")
     if not state.step:  # a resumed run keeps the untrained adapter's eval loss
         state.eval_before = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
+        _log_eval(accelerator, state.eval_before, 0)
+    log.info("training %d steps from step %d", total_steps, state.step)
 
     model.train()
     waste = []
@@ -205,6 +207,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     duration = time.perf_counter() - started
     train_seconds = time.perf_counter() - run_started  # the loop only: tokens/s is the training rate
     eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
+    _log_eval(accelerator, eval_after, state.step)
     metrics = {
         "dataset_id": data.manifest.get("dataset_id"),
         "dataset_path": str(data.path),
@@ -247,7 +250,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
 def _log_step(accelerator: Any, state: _State, loss: float, scheduler: Any, rate: float, progress: Any) -> None:
     entry = {"step": state.step, "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": rate}
     state.log.append(entry)
-    accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=state.step)
+    accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=state.step)  # HF Trainer's tags
     if not accelerator.is_main_process:
         return
     if isinstance(progress, _PlainProgress):
@@ -261,10 +264,17 @@ def _to_tensors(batch: dict[str, list[list[int]]], device: torch.device) -> dict
 
 
 @torch.no_grad()
+def _log_eval(accelerator: Any, loss: float | None, step: int) -> None:
+    if loss is not None:
+        accelerator.log({"eval/loss": loss}, step=step)
+        log.info("eval loss %.4f at step %d", loss, step)
+
+
 def _evaluate(accelerator: Any, model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float | None:
     """Mean token loss over the eval split (every process takes a share; sums are reduced)."""
     if not examples:
         return None
+    log.info("evaluating on %d eval examples", len(examples))
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
@@ -438,7 +448,7 @@ class _PlainProgress:
 
 
 def _progress(interactive: bool, total: int, done: int) -> Any:
-    if not (interactive and sys.stderr.isatty()):
+    if not (interactive and console.interactive()):
         return _PlainProgress()
     from tqdm import tqdm
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from saige_k8s.errors import ConfigError, InputError
+from saige_k8s.errors import ConfigError, InputError, RuntimeFailure, SaigeError
 from saige_k8s.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,29 @@ def load_tokenizer(options: TrainSpec) -> Any:
     except ImportError as exc:
         raise ConfigError(f"model {options.model!r} needs a package that is missing: {exc}") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
+        raise _not_loaded(options.model, exc) from None
     if tokenizer.pad_token_id is None:
         # Labels never come from padding (see training.data), so reusing EOS as pad is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _not_loaded(model: str, exc: BaseException) -> SaigeError:
+    """Unreachable hub (a runtime failure, worth a retry) or a model that is not there (bad input)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # transformers' chains can loop
+        if isinstance(cause, LocalEntryNotFoundError):
+            return RuntimeFailure(
+                f"cannot download model {model!r}: the Hugging Face Hub cannot be reached and the model is "
+                "not in the local cache; retry with a network, or pass --model a local directory, "
+                ".gguf file or package://PKG/FILE"
+            )
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return InputError(f"unknown model {model!r}: {str(exc).splitlines()[0]}")
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -94,12 +112,13 @@ def load_base_model(options: TrainSpec, dtype: torch.dtype | None = None) -> Any
         )
     elif options.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    log.info("loading model %s", options.model)
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as exc:
         raise ConfigError(f"model {options.model!r} needs a package that is missing: {exc}") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"unknown model {options.model!r}: {str(exc).splitlines()[0]}") from None
+        raise _not_loaded(options.model, exc) from None
 
 
 def load_model(options: TrainSpec) -> Any:
