@@ -170,10 +170,11 @@ from saige_k8s.evaluation.champion import ChampionStore
 
 store = ChampionStore(Path(sys.argv[1]), "demo")
 ids = sys.argv[3:]
-print("ready", flush=True)
 i = 0
 while int(sys.argv[2]) == 0 or i < int(sys.argv[2]):
     store.promote(ids[i % len(ids)], dataset_id=f"ds-{i}", reasons=[f"iteration {i}"], figures={"i": i})
+    if i == 0:
+        print("ready", flush=True)  # promoting now: a kill from here on lands among the swaps, whatever the load
     i += 1
 """
 
@@ -196,12 +197,11 @@ def test_champion_swap_is_atomic_under_sigkill(tmp_path: Path) -> None:
     valid = {ids[0]}  # what CHAMPION may hold: a looped id, or the last promotion before the kill
     rng = random.Random(20261201)
     known = set(ids)  # every id a history line may name
-    before, grew = 1, 0
     for trial in range(24):
         proc = _loop(tmp_path, 0, *ids)
         try:
             assert proc.stdout is not None and proc.stdout.readline() == "ready\n", proc.stderr
-            time.sleep(rng.uniform(0.0, 0.04))  # on ext4 about one kill in four lands mid-swap
+            time.sleep(rng.uniform(0.0, 0.04))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
@@ -217,7 +217,6 @@ def test_champion_swap_is_atomic_under_sigkill(tmp_path: Path) -> None:
             entry = json.loads(line)
             assert entry["run_id"] in known and entry["verdict"] == "promoted"
         assert len(store.history()) == len(complete)
-        grew += len(complete) > before
 
         final = f"run-final-{trial}"
         store.promote(final)
@@ -228,8 +227,6 @@ def test_champion_swap_is_atomic_under_sigkill(tmp_path: Path) -> None:
         assert not list(store.directory.glob(".CHAMPION.*.tmp"))  # the killed writer's temporary is cleaned up
         valid = {final}
         known.add(final)
-        before = len(entries)
-    assert grew >= 12, f"only {grew} of 24 kills landed after the loop had promoted"
 
 
 def test_concurrent_promotions_lose_no_line(tmp_path: Path) -> None:
