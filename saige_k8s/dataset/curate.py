@@ -173,17 +173,27 @@ class StageCounts:
     removed: dict[str, int] = field(default_factory=dict)
     first_invalid: tuple[str, str] | None = None  # (reason, id), for --strict
 
-    def count(self, checks: Iterable[tuple[str, np.ndarray]], ids: pa.Array, alive: np.ndarray) -> np.ndarray:
-        """Count each row still ``alive`` under the first check it fails; returns the rows that pass."""
+    def count(
+        self, checks: Iterable[tuple[str, np.ndarray]], ids: pa.Array, alive: np.ndarray, counted: np.ndarray | None
+    ) -> np.ndarray:
+        """Count each row still ``alive`` under the first check it fails; returns the rows that pass.
+
+        ``counted``: the rows to count (None: all); the others are judged the same, uncounted.
+        """
         alive = alive.copy()
         for reason, failing in checks:
             hit = alive & failing
-            hits = int(hit.sum())
+            seen = hit if counted is None else hit & counted
+            hits = int(seen.sum())
             self.invalid[reason] += hits
             if hits and self.first_invalid is None:
-                self.first_invalid = (reason, _shown(ids, int(np.flatnonzero(hit)[0])))
+                self.first_invalid = (reason, _shown(ids, int(np.flatnonzero(seen)[0])))
             alive &= ~hit
         return alive
+
+    def remove(self, name: str, hit: np.ndarray, counted: np.ndarray | None) -> None:
+        """Count the rows a filter removed (of ``counted``, None: all)."""
+        self.removed[name] = self.removed.get(name, 0) + int((hit if counted is None else hit & counted).sum())
 
 
 def _shown(ids: pa.Array, i: int) -> str:
@@ -247,11 +257,12 @@ def _bisect(n: int, passes: Callable[[int, int], bool]) -> np.ndarray:
     return bad
 
 
-def judge_texts(batch: pa.RecordBatch, counts: StageCounts) -> pa.RecordBatch:
-    """Drop candidates whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
+def judge_texts(batch: pa.RecordBatch, counts: StageCounts, counted: np.ndarray | None = None) -> pa.RecordBatch:
+    """Drop rows whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
 
     ``created_at`` that is not UTF-8 becomes NULL, as unparseable timestamps do; scores that
-    are not UTF-8 become NULL, which ``judge_scores`` counts as malformed.
+    are not UTF-8 become NULL, which ``judge_scores`` counts as malformed. ``counted``: the
+    rows ``counts`` counts (None: all).
     """
     columns = {name: batch.column(name) for name in batch.schema.names}
     checks = [("missing_id", pc.is_null(columns["id"]).to_numpy(zero_copy_only=False))]
@@ -268,7 +279,7 @@ def judge_texts(batch: pa.RecordBatch, counts: StageCounts) -> pa.RecordBatch:
         empty = pc.fill_null(pc.equal(pc.binary_length(columns[name]), 0), True)
         checks.append((f"empty_{name}", empty.to_numpy(zero_copy_only=False)))
     checks.append(("context_json_too_deep", _deep_json(columns["context"])))
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool))
+    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool), counted)
     judged = pa.RecordBatch.from_pydict(columns)
     return judged if alive.all() else judged.filter(pa.array(alive))
 
@@ -287,10 +298,13 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     return judged if passes.all() else judged.filter(pa.array(passes))
 
 
-def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> tuple[pa.RecordBatch, np.ndarray]:
+def score_rows(
+    batch: pa.RecordBatch, filters: Filters, counts: StageCounts, counted: np.ndarray | None = None
+) -> tuple[pa.RecordBatch, np.ndarray]:
     """(rows with usable scores, with principle columns and weighted, mask of those passing the filters).
 
     Preference pairs need the rows a score filter removes, so they are returned, marked.
+    ``counted``: the rows ``counts`` counts (None: all).
     """
     values, malformed = parse_scores(batch.column("buddhist_scores"))
     missing = np.isnan(values).any(axis=1) & ~malformed
@@ -302,12 +316,12 @@ def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> 
     stored = batch.column("buddhist_weighted_score").to_numpy(zero_copy_only=False).astype(float)
     weighted = np.where(np.isnan(stored), computed, stored)
     checks = zip(JSON_INVALID, (malformed, missing, out_of_range), strict=True)
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool))
+    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool), counted)
     steps = [("min_buddhist", weighted < filters.min_buddhist)]
     steps += [(f"min_{p}", values[:, PRINCIPLES.index(p)] < v) for p, v in filters.principle_minima().items()]
     for name, failing in steps:
         hit = alive & failing
-        counts.removed[name] = counts.removed.get(name, 0) + int(hit.sum())
+        counts.remove(name, hit, counted)
         alive &= ~hit
     usable = ~(malformed | missing | out_of_range)
     columns = {name: batch.column(name) for name in batch.schema.names}
