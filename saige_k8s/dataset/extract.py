@@ -8,12 +8,15 @@ the rows a filter removed, marked by their verdict, so the pairs cost no second 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
+import importlib.abc
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -105,6 +108,39 @@ def existing_dataset(data_root: Path, dataset_id: str) -> ExtractResult | None:
 
 def extract(request: ExtractRequest) -> ExtractResult:
     started = time.perf_counter()
+    # What is loaded by now lives as long as the process: the collector's full passes need
+    # not walk it again and again while the scan allocates.
+    gc.freeze()
+    with _pandas_unused():
+        return _extract(request, started)
+
+
+@contextlib.contextmanager
+def _pandas_unused() -> Iterator[None]:
+    """pyarrow imports pandas (0.4 CPU-s) at its first array built from Python values, only
+    to ask whether they are pandas objects; extraction has none. While pandas is not found,
+    pyarrow takes it for absent, and imports it after all when asked to convert to pandas."""
+    if "pandas" in sys.modules:
+        yield
+        return
+    finder = _NotFound("pandas")
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+class _NotFound(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname == self.name:
+            raise ModuleNotFoundError(f"{self.name} is not used during extraction", name=fullname)
+
+
+def _extract(request: ExtractRequest, started: float) -> ExtractResult:
     url = resolve_url(request.db)
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
@@ -147,9 +183,10 @@ class _Funnel:
             column = batch.column(name)
             total[0] += len(column) - column.null_count
             total[1] += pc.sum(column).as_py() or 0.0
-        for value, n in zip(*value_counts(batch.column("buddhist_alignment")), strict=True):
-            if value in self.alignment:
-                self.alignment[value] += n
+        for value, n in zip(*value_counts(_as_bytes(batch.column("buddhist_alignment"))), strict=True):
+            label = value.decode("utf-8", "replace") if value is not None else None
+            if label in self.alignment:
+                self.alignment[label] += n
 
     def count(self, label: str) -> int:
         return int(self.verdicts[self.labels.index(label)])
@@ -157,6 +194,17 @@ class _Funnel:
     @property
     def counts(self) -> dict[str, int]:
         return {label: int(n) for label, n in zip(self.labels, self.verdicts, strict=True)}
+
+
+def _as_bytes(values: pa.Array) -> pa.Array:
+    """A label column as bytes: SQLite may hand any bytes, or a number, as a rejected row's label."""
+    if pa.types.is_string(values.type):
+        return values.view(pa.binary())
+    if pa.types.is_large_string(values.type):
+        return values.view(pa.large_binary())
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        return values
+    return values.cast(pa.string()).view(pa.binary())
 
 
 @dataclass
