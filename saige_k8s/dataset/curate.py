@@ -257,12 +257,18 @@ def _bisect(n: int, passes: Callable[[int, int], bool]) -> np.ndarray:
     return bad
 
 
-def judge_texts(batch: pa.RecordBatch, counts: StageCounts, counted: np.ndarray | None = None) -> pa.RecordBatch:
+def judge_texts(
+    batch: pa.RecordBatch,
+    counts: StageCounts,
+    counted: np.ndarray | None = None,
+    alive: np.ndarray | None = None,
+) -> pa.RecordBatch:
     """Drop rows whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
 
     ``created_at`` that is not UTF-8 becomes NULL, as unparseable timestamps do; scores that
     are not UTF-8 become NULL, which ``judge_scores`` counts as malformed. ``counted``: the
-    rows ``counts`` counts (None: all).
+    rows ``counts`` counts (None: all); ``alive``: the rows to judge (None: all), the others
+    are dropped uncounted (one copy of the batch, not two).
     """
     columns = {name: batch.column(name) for name in batch.schema.names}
     checks = [("missing_id", pc.is_null(columns["id"]).to_numpy(zero_copy_only=False))]
@@ -279,7 +285,8 @@ def judge_texts(batch: pa.RecordBatch, counts: StageCounts, counted: np.ndarray 
         empty = pc.fill_null(pc.equal(pc.binary_length(columns[name]), 0), True)
         checks.append((f"empty_{name}", empty.to_numpy(zero_copy_only=False)))
     checks.append(("context_json_too_deep", _deep_json(columns["context"])))
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool), counted)
+    start = np.ones(len(batch), dtype=bool) if alive is None else alive
+    alive = counts.count(checks, batch.column("id"), start, counted)
     judged = pa.RecordBatch.from_pydict(columns)
     return judged if alive.all() else judged.filter(pa.array(alive))
 
@@ -362,17 +369,17 @@ def as_examples(
         trimmed=True,
     )
     prompt = prompts(fmt, system, turn)
-    suite = 0
+    keep = np.ones(len(batch), dtype=bool)
     if excluded is not None and len(excluded) and len(batch):
-        outside = pc.invert(pc.is_in(prompt, value_set=excluded))
-        suite = len(batch) - pc.sum(outside).as_py()
-        if suite:
-            batch, turn, text, prompt = (c.filter(outside) for c in (batch, turn, text, prompt))
-    fresh = seen.first_occurrences(content_hashes(text))
+        keep = ~pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False)
+    suite = len(batch) - int(keep.sum())
+    # The suite's prompts are out before deduplication: they take no text's first occurrence.
+    fresh = seen.first_occurrences(content_hashes(text.filter(pa.array(keep)) if suite else text))
     duplicates = len(fresh) - int(fresh.sum())
-    if duplicates:
-        keep = pa.array(fresh)
-        batch, turn, text, prompt = (c.filter(keep) for c in (batch, turn, text, prompt))
+    keep[keep] = fresh
+    if suite or duplicates:  # one copy for both
+        mask = pa.array(keep)
+        batch, turn, text, prompt = (c.filter(mask) for c in (batch, turn, text, prompt))
     prompt_keys = content_hashes(prompt)
     messages = conversations(fmt, system, turn, batch.column("response"))
     n = len(batch)

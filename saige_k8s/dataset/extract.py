@@ -263,17 +263,17 @@ def _write_candidates(
             if read.reached_limit and not valid_rows:
                 continue
             needed = verdict >= first_needed
-            rows = raw if needed.all() else raw.filter(pa.array(needed))
-            if not len(rows):
+            if not needed.any():
                 continue
-            candidate = verdict[needed] == judgement.candidate
+            candidate = verdict == judgement.candidate
+            rows = raw
             if valid_rows:
                 rows = rows.append_column("seq", pa.array(np.arange(read.streamed, read.streamed + len(rows))))
                 read.streamed += len(rows)
             counted = np.zeros(len(rows), dtype=bool) if read.reached_limit else candidate
             read.fetched += int(counted.sum())
             rows = rows.append_column(_CANDIDATE, pa.array(candidate))
-            texts = judge_texts(rows, read.stage, counted)
+            texts = judge_texts(rows, read.stage, counted, alive=needed)
             counted = _flag(texts) & (not read.reached_limit)
             scored, passes = score_rows(texts, request.filters, read.stage, counted)
             passes &= _flag(scored)
