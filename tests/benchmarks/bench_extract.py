@@ -303,9 +303,10 @@ def saige_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "saige_k8s"]
 
 
-def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool) -> Result:
+def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool, first: int = 1) -> Result:
+    """``repeats`` runs of (a), numbered from ``first`` (each run's own log and data root)."""
     result = Result(database, METHOD_A, rows)
-    for i in range(1, repeats + 1):
+    for i in range(first, first + repeats):
         data_root = scratch / f"a-{database}-{rows}-{i}"
         shutil.rmtree(data_root, ignore_errors=True)
         cmd = [*saige_cli(), "extract", "--db", db, "--data-root", str(data_root), "--json", "--format", "tinyllama"]
@@ -334,9 +335,10 @@ def bench_worker(
     repeats: int,
     keep: bool,
     suffix: str,
+    first: int = 1,
 ) -> Result:
     result = Result(database, method, rows)
-    for i in range(1, repeats + 1):
+    for i in range(first, first + repeats):
         out = scratch / f"{mode.strip('_')}-{database}-{rows}-{i}.{suffix}"
         cmd = [sys.executable, str(Path(__file__).resolve()), mode, dialect, target, str(out)]
         run = measure(cmd, out.with_suffix(".log"))
@@ -580,11 +582,11 @@ def bench_database(
     log(f"{label}: {rows} rows, {repeats} runs per method")
     results = [Result(label, method, rows) for method in (METHOD_A, METHOD_B, METHOD_C)]
     with busy_core(busy):
-        for _ in range(repeats):
+        for i in range(1, repeats + 1):
             rounds = [
-                bench_saige(label, extract_db, rows, scratch, 1, keep),
-                bench_worker("_baseline", METHOD_B, label, dialect, driver_target, rows, scratch, 1, keep, "csv"),
-                bench_worker("_adbc", METHOD_C, label, dialect, adbc_target, rows, scratch, 1, keep, "parquet"),
+                bench_saige(label, extract_db, rows, scratch, 1, keep, i),
+                bench_worker("_baseline", METHOD_B, label, dialect, driver_target, rows, scratch, 1, keep, "csv", i),
+                bench_worker("_adbc", METHOD_C, label, dialect, adbc_target, rows, scratch, 1, keep, "parquet", i),
             ]
             for total, one in zip(results, rounds, strict=True):
                 total.runs += one.runs
