@@ -108,11 +108,14 @@ def existing_dataset(data_root: Path, dataset_id: str) -> ExtractResult | None:
 
 def extract(request: ExtractRequest) -> ExtractResult:
     started = time.perf_counter()
-    # What is loaded by now lives as long as the process: the collector's full passes need
-    # not walk it again and again while the scan allocates.
+    # What is loaded by now outlives the scan: the collector's full passes need not walk it
+    # again and again while the scan allocates.
     gc.freeze()
-    with _pandas_unused():
-        return _extract(request, started)
+    try:
+        with _pandas_unused():
+            return _extract(request, started)
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -167,7 +170,7 @@ class _Funnel:
     """The database's side, counted from the scan: rows per verdict label, and statistics of the whole table."""
 
     labels: tuple[str, ...]
-    verdicts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    verdicts: np.ndarray = field(init=False)
     rows: int = 0
     harm: list[float] = field(default_factory=lambda: [0, 0.0])
     weighted: list[float] = field(default_factory=lambda: [0, 0.0])
