@@ -173,17 +173,27 @@ class StageCounts:
     removed: dict[str, int] = field(default_factory=dict)
     first_invalid: tuple[str, str] | None = None  # (reason, id), for --strict
 
-    def count(self, checks: Iterable[tuple[str, np.ndarray]], ids: pa.Array, alive: np.ndarray) -> np.ndarray:
-        """Count each row still ``alive`` under the first check it fails; returns the rows that pass."""
+    def count(
+        self, checks: Iterable[tuple[str, np.ndarray]], ids: pa.Array, alive: np.ndarray, counted: np.ndarray | None
+    ) -> np.ndarray:
+        """Count each row still ``alive`` under the first check it fails; returns the rows that pass.
+
+        ``counted``: the rows to count (None: all); the others are judged the same, uncounted.
+        """
         alive = alive.copy()
         for reason, failing in checks:
             hit = alive & failing
-            hits = int(hit.sum())
+            seen = hit if counted is None else hit & counted
+            hits = int(seen.sum())
             self.invalid[reason] += hits
             if hits and self.first_invalid is None:
-                self.first_invalid = (reason, _shown(ids, int(np.flatnonzero(hit)[0])))
+                self.first_invalid = (reason, _shown(ids, int(np.flatnonzero(seen)[0])))
             alive &= ~hit
         return alive
+
+    def remove(self, name: str, hit: np.ndarray, counted: np.ndarray | None) -> None:
+        """Count the rows a filter removed (of ``counted``, None: all)."""
+        self.removed[name] = self.removed.get(name, 0) + int((hit if counted is None else hit & counted).sum())
 
 
 def _shown(ids: pa.Array, i: int) -> str:
@@ -247,11 +257,18 @@ def _bisect(n: int, passes: Callable[[int, int], bool]) -> np.ndarray:
     return bad
 
 
-def judge_texts(batch: pa.RecordBatch, counts: StageCounts) -> pa.RecordBatch:
-    """Drop candidates whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
+def judge_texts(
+    batch: pa.RecordBatch,
+    counts: StageCounts,
+    counted: np.ndarray | None = None,
+    alive: np.ndarray | None = None,
+) -> pa.RecordBatch:
+    """Drop rows whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
 
     ``created_at`` that is not UTF-8 becomes NULL, as unparseable timestamps do; scores that
-    are not UTF-8 become NULL, which ``judge_scores`` counts as malformed.
+    are not UTF-8 become NULL, which ``judge_scores`` counts as malformed. ``counted``: the
+    rows ``counts`` counts (None: all); ``alive``: the rows to judge (None: all), the others
+    are dropped uncounted (one copy of the batch, not two).
     """
     columns = {name: batch.column(name) for name in batch.schema.names}
     checks = [("missing_id", pc.is_null(columns["id"]).to_numpy(zero_copy_only=False))]
@@ -268,7 +285,8 @@ def judge_texts(batch: pa.RecordBatch, counts: StageCounts) -> pa.RecordBatch:
         empty = pc.fill_null(pc.equal(pc.binary_length(columns[name]), 0), True)
         checks.append((f"empty_{name}", empty.to_numpy(zero_copy_only=False)))
     checks.append(("context_json_too_deep", _deep_json(columns["context"])))
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool))
+    start = np.ones(len(batch), dtype=bool) if alive is None else alive
+    alive = counts.count(checks, batch.column("id"), start, counted)
     judged = pa.RecordBatch.from_pydict(columns)
     return judged if alive.all() else judged.filter(pa.array(alive))
 
@@ -287,10 +305,13 @@ def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -
     return judged if passes.all() else judged.filter(pa.array(passes))
 
 
-def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> tuple[pa.RecordBatch, np.ndarray]:
+def score_rows(
+    batch: pa.RecordBatch, filters: Filters, counts: StageCounts, counted: np.ndarray | None = None
+) -> tuple[pa.RecordBatch, np.ndarray]:
     """(rows with usable scores, with principle columns and weighted, mask of those passing the filters).
 
     Preference pairs need the rows a score filter removes, so they are returned, marked.
+    ``counted``: the rows ``counts`` counts (None: all).
     """
     values, malformed = parse_scores(batch.column("buddhist_scores"))
     missing = np.isnan(values).any(axis=1) & ~malformed
@@ -302,12 +323,12 @@ def score_rows(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> 
     stored = batch.column("buddhist_weighted_score").to_numpy(zero_copy_only=False).astype(float)
     weighted = np.where(np.isnan(stored), computed, stored)
     checks = zip(JSON_INVALID, (malformed, missing, out_of_range), strict=True)
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool))
+    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool), counted)
     steps = [("min_buddhist", weighted < filters.min_buddhist)]
     steps += [(f"min_{p}", values[:, PRINCIPLES.index(p)] < v) for p, v in filters.principle_minima().items()]
     for name, failing in steps:
         hit = alive & failing
-        counts.removed[name] = counts.removed.get(name, 0) + int(hit.sum())
+        counts.remove(name, hit, counted)
         alive &= ~hit
     usable = ~(malformed | missing | out_of_range)
     columns = {name: batch.column(name) for name in batch.schema.names}
@@ -348,17 +369,17 @@ def as_examples(
         trimmed=True,
     )
     prompt = prompts(fmt, system, turn)
-    suite = 0
+    keep = np.ones(len(batch), dtype=bool)
     if excluded is not None and len(excluded) and len(batch):
-        outside = pc.invert(pc.is_in(prompt, value_set=excluded))
-        suite = len(batch) - pc.sum(outside).as_py()
-        if suite:
-            batch, turn, text, prompt = (c.filter(outside) for c in (batch, turn, text, prompt))
-    fresh = seen.first_occurrences(content_hashes(text))
+        keep = ~pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False)
+    suite = len(batch) - int(keep.sum())
+    # The suite's prompts are out before deduplication: they take no text's first occurrence.
+    fresh = seen.first_occurrences(content_hashes(text.filter(pa.array(keep)) if suite else text))
     duplicates = len(fresh) - int(fresh.sum())
-    if duplicates:
-        keep = pa.array(fresh)
-        batch, turn, text, prompt = (c.filter(keep) for c in (batch, turn, text, prompt))
+    keep[keep] = fresh
+    if suite or duplicates:  # one copy for both
+        mask = pa.array(keep)
+        batch, turn, text, prompt = (c.filter(mask) for c in (batch, turn, text, prompt))
     prompt_keys = content_hashes(prompt)
     messages = conversations(fmt, system, turn, batch.column("response"))
     n = len(batch)

@@ -1,32 +1,30 @@
 """The extract step: experience database -> curated SFT dataset on the shared volume.
 
-Two queries run side by side: the funnel (every row's verdict, counted by the database) on
-a worker thread, and the rows (streamed as Arrow) on this one, which judges the candidates'
-scores, renders, deduplicates, splits and writes them while the database keeps reading. With
-preference pairs the same stream also brings the rows a filter removed, marked by their
-verdict, so the pairs cost no second read of the table.
+One statement reads the table once, as Arrow: every row comes with its verdict, which the
+funnel counts; the candidates' scores are judged, and they are rendered, deduplicated, split
+and written while the database keeps reading. With preference pairs the same scan brings
+the rows a filter removed, marked by their verdict, so the pairs cost no second read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from saige_k8s import __version__, console, lifecycle
+from saige_k8s import __version__, console
 from saige_k8s.dataset.curate import (
     OUTPUT_SCHEMA,
     STAGE_INVALID,
@@ -39,12 +37,12 @@ from saige_k8s.dataset.curate import (
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.pairs import PairBuilder
-from saige_k8s.dataset.stats import DatasetStats
+from saige_k8s.dataset.stats import DatasetStats, value_counts
 from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError, RuntimeFailure
 from saige_k8s.experiences.filters import Filters
-from saige_k8s.experiences.query import CANDIDATE, Judgement, funnel_query, rows_query
+from saige_k8s.experiences.query import CANDIDATE, FUNNEL_HARM, FUNNEL_WEIGHTED, VERDICT, Judgement, rows_query
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
 from saige_k8s.experiences.source import SourceTable, open_source, redact, resolve_url, stream
 from saige_k8s.lifecycle import check_stop
@@ -108,6 +106,16 @@ def existing_dataset(data_root: Path, dataset_id: str) -> ExtractResult | None:
 
 def extract(request: ExtractRequest) -> ExtractResult:
     started = time.perf_counter()
+    # What is loaded by now outlives the scan: the collector's full passes need not walk it
+    # again and again while the scan allocates.
+    gc.freeze()
+    try:
+        return _extract(request, started)
+    finally:
+        gc.unfreeze()
+
+
+def _extract(request: ExtractRequest, started: float) -> ExtractResult:
     url = resolve_url(request.db)
     source = open_source(url, request.table, request.columns, request.db_schema)
     judgement = source.judge(request.filters)
@@ -117,15 +125,9 @@ def extract(request: ExtractRequest) -> ExtractResult:
         with DatasetWriter(
             request.data_root, dataset_id, OUTPUT_SCHEMA, request.eval_fraction > 0, request.csv_path
         ) as writer:
-            funnel_future = _in_background(_run_funnel, source, judgement, request.adbc)
-            try:
-                read = _write_candidates(request, source, judgement, writer, excluded)
-                funnel = funnel_future.result()
-            except BaseException:
-                lifecycle.cancel_running()  # the funnel's query, if it still runs
-                raise
+            read = _write_candidates(request, source, judgement, writer, excluded)
             check_stop()
-            manifest = _manifest(request, source, dataset_id, funnel, read, writer, started)
+            manifest = _manifest(request, source, dataset_id, read, writer, started)
             _check(request, source, judgement, manifest, read)
             path = writer.publish(manifest, request.before_publish)
     except OSError as exc:  # pyarrow's I/O errors are OSErrors too
@@ -135,50 +137,64 @@ def extract(request: ExtractRequest) -> ExtractResult:
     return ExtractResult(path, manifest)
 
 
-def _in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:
-    """A daemon thread, unlike an executor's: one stuck in a query cannot hold the exit up."""
-    future: Future[Any] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="funnel", daemon=True).start()
-    return future
-
-
-@dataclass(frozen=True)
+@dataclass
 class _Funnel:
-    """The database's side: rows per verdict label, and aggregates over the whole table."""
+    """The database's side, counted from the scan: rows per verdict label, and statistics of the whole table."""
 
-    counts: dict[str, int]
-    aggregates: dict[str, Any]
+    labels: tuple[str, ...]
+    verdicts: np.ndarray = field(init=False)
+    rows: int = 0
+    harm: list[float] = field(default_factory=lambda: [0, 0.0])
+    weighted: list[float] = field(default_factory=lambda: [0, 0.0])
+    alignment: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALIGNMENT_LEVELS, 0))
 
-    def rows(self, label: str) -> int:
-        return self.counts.get(label, 0)
+    def __post_init__(self) -> None:
+        self.verdicts = np.zeros(len(self.labels), dtype=np.int64)
+
+    def add(self, batch: pa.RecordBatch, verdict: np.ndarray) -> None:
+        self.rows += len(batch)
+        self.verdicts += np.bincount(verdict, minlength=len(self.labels))
+        for total, name in ((self.harm, FUNNEL_HARM), (self.weighted, FUNNEL_WEIGHTED)):
+            column = batch.column(name)
+            total[0] += len(column) - column.null_count
+            total[1] += pc.sum(column).as_py() or 0.0
+        for value, n in zip(*value_counts(_as_bytes(batch.column("buddhist_alignment"))), strict=True):
+            label = value.decode("utf-8", "replace") if value is not None else None
+            if label in self.alignment:
+                self.alignment[label] += n
+
+    def count(self, label: str) -> int:
+        return int(self.verdicts[self.labels.index(label)])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {label: int(n) for label, n in zip(self.labels, self.verdicts, strict=True)}
 
 
-def _run_funnel(source: SourceTable, judgement: Judgement, adbc: bool) -> _Funnel:
-    with stream(source.url, funnel_query(judgement, source.dialect), adbc) as batches:
-        rows = [row for batch in batches for row in batch.to_pylist()]
-    aggregates = rows[0] if rows else {}
-    counts = {label: int(aggregates.get(f"verdict_{code}") or 0) for code, label in enumerate(judgement.labels)}
-    return _Funnel(counts, aggregates)
+def _as_bytes(values: pa.Array) -> pa.Array:
+    """A label column as bytes: SQLite may hand any bytes, or a number, as a rejected row's label."""
+    if pa.types.is_string(values.type):
+        return values.view(pa.binary())
+    if pa.types.is_large_string(values.type):
+        return values.view(pa.large_binary())
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        return values
+    return values.cast(pa.string()).view(pa.binary())
 
 
 @dataclass
 class _Read:
-    """What the candidate stream produced; with the funnel, every scanned row is accounted for."""
+    """What the scan produced: with the funnel's counts, every scanned row is accounted for."""
 
+    funnel: _Funnel
     stage: StageCounts = field(default_factory=StageCounts)
     stats: DatasetStats = field(default_factory=DatasetStats)
+    #: Candidates read and judged (those past --limit are not).
     fetched: int = 0
     duplicates: int = 0
     #: Candidates whose prompt is an evaluation suite scenario's.
     suite: int = 0
-    #: Rows streamed in all (with pairs, the rows filters removed too).
+    #: Rows given a place in id order so far (the pairs' tie-break).
     streamed: int = 0
     #: Preference pairs written, by split.
     pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
@@ -187,43 +203,60 @@ class _Read:
     reached_limit: bool = False
 
 
+class ValidRows(Protocol):
+    """What receives every row the database and the Arrow stage find usable (preference pairs)."""
+
+    def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
+        """``batch``: texts and scores judged, ``seq`` (place in id order); ``passes``: kept by every filter."""
+
+
 def _write_candidates(
     request: ExtractRequest, source: SourceTable, judgement: Judgement, writer: DatasetWriter, excluded: pa.Array
 ) -> _Read:
-    """Stream the rows once: candidates become examples; with pairs, every valid row feeds the pairs too.
+    """Scan the table once: every row's verdict feeds the funnel, candidates become examples.
 
-    Past --limit the stream goes on for pairs only, uncounted: the counts stay those of a
-    read that stopped there.
+    With preference pairs, every usable row, kept or removed by a filter, reaches the pair
+    builder through ``ValidRows.add`` (``valid_rows`` below is where another consumer of the
+    same rows joins). Past --limit the scan goes on for the funnel and the pairs, the
+    candidates uncounted: the stage's counts stay those of a read that stopped there.
     """
     fmt = FORMATS[request.format]
-    read = _Read()
+    read = _Read(_Funnel(judgement.labels))
     seen = SeenSet()
     limit = request.filters.limit
     progress = _progress(request.progress)
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
-    uncounted = StageCounts()  # rows judged for pairs only: their counts are the funnel's or past the limit
-    query = rows_query(judgement, source.id_is_integer, with_removed=pairs is not None)
+    valid_rows: list[ValidRows] = [pairs] if pairs is not None else []
+    first_needed = judgement.first_valid if valid_rows else judgement.candidate
+    query = rows_query(judgement, source.id_is_integer)
     with stream(source.url, query, request.adbc) as batches:
         for raw in batches:
             check_stop()
             progress.update(len(raw))
-            candidates = raw
-            if pairs is not None:
-                raw = raw.append_column("seq", pa.array(np.arange(read.streamed, read.streamed + len(raw))))  # noqa: PLW2901
-                read.streamed += len(raw)
-                passed = pc.equal(raw.column("verdict"), judgement.candidate)
-                candidates = raw.filter(passed)
-                _add_pairs(pairs, raw.filter(pc.invert(passed)), request, uncounted, None)
-                if read.reached_limit:
-                    _add_pairs(pairs, candidates, request, uncounted, True)
-                    continue
-            read.fetched += len(candidates)
-            scored, passes = score_rows(judge_texts(candidates, read.stage), request.filters, read.stage)
-            if pairs is not None:
-                pairs.add(scored, passes)
+            verdict = raw.column(VERDICT).to_numpy(zero_copy_only=False)
+            read.funnel.add(raw, verdict)
+            if read.reached_limit and not valid_rows:
+                continue
+            needed = verdict >= first_needed
+            if not needed.any():
+                continue
+            candidate = verdict == judgement.candidate
+            rows = raw
+            if valid_rows:
+                rows = rows.append_column("seq", pa.array(np.arange(read.streamed, read.streamed + len(rows))))
+                read.streamed += len(rows)
+            counted = np.zeros(len(rows), dtype=bool) if read.reached_limit else candidate
+            read.fetched += int(counted.sum())
+            rows = rows.append_column(_CANDIDATE, pa.array(candidate))
+            texts = judge_texts(rows, read.stage, counted, alive=needed)
+            counted = _flag(texts) & (not read.reached_limit)
+            scored, passes = score_rows(texts, request.filters, read.stage, counted)
+            passes &= _flag(scored)
+            for consumer in valid_rows:
+                consumer.add(scored, passes)
+            if read.reached_limit or (request.strict and read.stage.first_invalid):
+                continue  # --strict fails anyway: judge the rest only to report the true count
             judged = scored if passes.all() else scored.filter(pa.array(passes))
-            if request.strict and read.stage.first_invalid:
-                continue  # failing anyway: judge the rest only to report the true count
             examples, keys, duplicates, suite = as_examples(judged, fmt, request.system_prompt, seen, excluded)
             read.duplicates += duplicates
             read.suite += suite
@@ -232,8 +265,6 @@ def _write_candidates(
                 read.cut = len(examples) - keep
                 read.reached_limit = True
                 _write(writer, read.stats, examples.slice(0, keep), in_eval(keys[:keep], request.eval_fraction))
-                if pairs is None:
-                    break
                 continue
             _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
@@ -243,12 +274,12 @@ def _write_candidates(
     return read
 
 
-def _add_pairs(
-    pairs: PairBuilder, rows: pa.RecordBatch, request: ExtractRequest, counts: StageCounts, kept: bool | None
-) -> None:
-    """Judge rows for pairs only; ``kept`` None: removed by a filter in SQL (none passes), else by the filters here."""
-    scored, passes = score_rows(judge_texts(rows, counts), request.filters, counts)
-    pairs.add(scored, passes if kept else np.zeros(len(scored), dtype=bool))
+#: The column that marks the database's candidates among the rows judged.
+_CANDIDATE = "is_candidate"
+
+
+def _flag(batch: pa.RecordBatch) -> np.ndarray:
+    return batch.column(_CANDIDATE).to_numpy(zero_copy_only=False)
 
 
 def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
@@ -269,20 +300,19 @@ def _progress(enabled: bool):
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(desc="candidates", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
+    return tqdm(desc="rows", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
 
 
 def _manifest(
     request: ExtractRequest,
     source: SourceTable,
     dataset_id: str,
-    funnel: _Funnel,
     read: _Read,
     writer: DatasetWriter,
     started: float,
 ) -> dict[str, Any]:
     """Counts that add up: scanned = kept + invalid per reason + removed per filter + duplicates + beyond limit."""
-    sql_candidates = funnel.rows(CANDIDATE)
+    funnel = read.funnel
     invalid = {label.split(":", 1)[1]: n for label, n in funnel.counts.items() if label.startswith("invalid:")}
     for reason in STAGE_INVALID:  # empty_* are counted by both stages
         invalid[reason] = invalid.get(reason, 0) + read.stage.invalid[reason]
@@ -293,17 +323,11 @@ def _manifest(
     for name, n in read.stage.removed.items():
         removed[name] += n
     removed[SUITE_PROMPT] = read.suite
-    unread = max(sql_candidates - read.fetched, 0) if read.reached_limit else 0
-    if not read.reached_limit and read.fetched != sql_candidates:
-        log.warning(
-            "the table changed during extraction (%d candidates counted, %d read); counts use what was read",
-            sql_candidates,
-            read.fetched,
-        )
+    unread = funnel.count(CANDIDATE) - read.fetched
     beyond_limit = read.cut + unread
     duplicates = read.duplicates
     stats = read.stats
-    scanned = sum(n for label, n in funnel.counts.items() if label != CANDIDATE) + read.fetched + unread
+    scanned = funnel.rows
     elapsed = time.perf_counter() - started
     source_stats = _source_stats(funnel)
     funnel_steps = []
@@ -354,13 +378,13 @@ def _manifest(
 
 def _source_stats(funnel: _Funnel) -> dict[str, Any]:
     """Harm and virtue of *all* experiences in the table, to track over time (seed's "metrics")."""
-    agg = funnel.aggregates
-    labels = {level: int(agg.get(f"alignment_{level}") or 0) for level in ALIGNMENT_LEVELS}
+    labels = dict(funnel.alignment)
     labelled = sum(labels.values())
+    (harm_count, harm_sum), (weighted_count, weighted_sum) = funnel.harm, funnel.weighted
     return {
-        "rows": int(agg.get("rows") or 0),
-        "mean_harm": agg["harm_sum"] / agg["harm_count"] if agg.get("harm_count") else None,
-        "mean_weighted_score": agg["weighted_sum"] / agg["weighted_count"] if agg.get("weighted_count") else None,
+        "rows": funnel.rows,
+        "mean_harm": harm_sum / harm_count if harm_count else None,
+        "mean_weighted_score": weighted_sum / weighted_count if weighted_count else None,
         "alignment": labels,
         "alignment_ratio": {k: (v / labelled if labelled else None) for k, v in labels.items()},
     }
@@ -390,10 +414,9 @@ def _first_unusable(source: SourceTable, judgement: Judgement, read: _Read) -> s
     if read.stage.first_invalid:
         reason, row_id = read.stage.first_invalid
         found.append((row_id, reason))
-    invalid_codes = sum(label.startswith("invalid:") for label in judgement.labels)
     query = (
         sa.select(judgement.columns["id"], judgement.verdict)
-        .where(judgement.verdict < invalid_codes)
+        .where(judgement.verdict < judgement.first_valid)
         .order_by(judgement.columns["id"])
         .limit(1)
     )

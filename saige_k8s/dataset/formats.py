@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Final, Literal
-
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING, Final, Literal
 
 from saige_k8s.dataset.jsontext import too_deep
+
+if TYPE_CHECKING:  # pyarrow is imported where columns are rendered: the command line's --help needs none
+    import pyarrow as pa
 
 FormatName = Literal["tinyllama", "mistral", "llama3"]
 
@@ -168,6 +168,9 @@ def render_columns(
     Contexts repeat a lot, so each distinct one is described once. ``trimmed``: the caller
     has trimmed ``user`` and ``response`` already (extraction does, to judge emptiness).
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if not trimmed:
         user, response = pc.utf8_trim_whitespace(user), pc.utf8_trim_whitespace(response)
     encoded = pc.dictionary_encode(context)

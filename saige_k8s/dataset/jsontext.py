@@ -7,9 +7,11 @@ before parsing, makes the outcome the same everywhere.
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where columns are judged: the chat formats' text helpers need neither
+    import numpy as np
+    import pyarrow as pa
 
 #: Deeper than any real context or score object; far below the parser's recursion limit.
 MAX_DEPTH = 64
@@ -45,6 +47,10 @@ def too_deep(text: str) -> bool:
 def too_deep_mask(texts: pa.Array) -> np.ndarray:
     """``too_deep`` for a string column: brackets are counted only in texts long enough to hold
     that many, and only texts with that many are scanned in Python."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     mask = np.zeros(len(texts), dtype=bool)
     long = np.flatnonzero(pc.fill_null(pc.greater(pc.binary_length(texts), MAX_DEPTH), False).to_numpy(False))
     if not len(long):

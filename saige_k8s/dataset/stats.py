@@ -63,7 +63,7 @@ class DatasetStats:
             self.principles[p].add(_floats(batch, p))
         self.response_bytes.add(_assistant_lengths(batch))
         for key, counter in (("buddhist_alignment", self.alignment), ("difficulty", self.difficulty)):
-            for value, n in zip(*_value_counts(batch.column(key)), strict=True):
+            for value, n in zip(*value_counts(batch.column(key)), strict=True):
                 label = value if value in counter else "unknown"
                 counter[label] = counter.get(label, 0) + n
         self.harm_histogram += np.bincount(
@@ -113,6 +113,7 @@ def _assistant_lengths(batch: pa.RecordBatch) -> np.ndarray:
     return lengths[last].astype(float)
 
 
-def _value_counts(values: pa.Array) -> tuple[list, list[int]]:
+def value_counts(values: pa.Array) -> tuple[list, list[int]]:
+    """(distinct values, how often each occurs)."""
     counts = pc.value_counts(values)
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()

@@ -44,6 +44,47 @@ _MAX_PENDING = 2
 CSV_COLUMNS = ("id", "text", "format", "actual_harm", "buddhist_weighted_score", "buddhist_alignment", "difficulty")
 
 
+#: Columns of few distinct values (labels, roles, the format): dictionary-encoded in Parquet.
+#: The others (texts, ids, numbers) are nearly all distinct: a dictionary is only built to be
+#: dropped once it outgrows its page.
+LOW_CARDINALITY = frozenset({"format", "buddhist_alignment", "difficulty", "principle", "component", "role"})
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How the dataset's Parquet files are encoded, chosen by measurement (README, Performance).
+
+    Writing 412k examples: dictionaries only for the few-valued columns, and min/max
+    statistics only for numbers and times (never read for texts), took 0.15-0.2 CPU-s less
+    than pyarrow's defaults for 5 % more bytes; zstd level 1 is kept, as lz4 saved 0.3 CPU-s
+    but wrote 1.5 times the bytes. Physical encodings only: every reader sees the schema's types.
+    """
+    leaves = _leaf_paths(schema)
+    return {
+        "compression": "zstd",
+        "compression_level": 1,
+        "use_dictionary": [path for path in leaves if path.rsplit(".", 1)[-1] in LOW_CARDINALITY],
+        "write_statistics": [path for path, kind in leaves.items() if not pa.types.is_string(kind)],
+    }
+
+
+def _leaf_paths(schema: pa.Schema) -> dict[str, pa.DataType]:
+    """Parquet's dotted column paths (``messages.list.element.role``) and their Arrow types."""
+    paths: dict[str, pa.DataType] = {}
+
+    def visit(path: str, kind: pa.DataType) -> None:
+        if pa.types.is_list(kind):
+            visit(f"{path}.list.element", kind.value_type)
+        elif pa.types.is_struct(kind):
+            for child in kind:
+                visit(f"{path}.{child.name}", child.type)
+        else:
+            paths[path] = kind
+
+    for column in schema:
+        visit(column.name, column.type)
+    return paths
+
+
 def new_dataset_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -128,7 +169,7 @@ class DatasetWriter:
         try:
             for split in ("train", "eval") if with_eval else ("train",):
                 path = self.tmp / f"{split}.parquet"
-                self._writers[split] = pq.ParquetWriter(path, schema, compression="zstd", compression_level=1)
+                self._writers[split] = pq.ParquetWriter(path, schema, **parquet_options(schema))
         except BaseException:
             self.abort()
             raise
@@ -167,7 +208,7 @@ class DatasetWriter:
             if split == "eval" and not self._with_eval:
                 continue
             name = f"pairs-{split}.parquet"
-            pq.write_table(part, self.tmp / name, compression="zstd", compression_level=1)
+            pq.write_table(part, self.tmp / name, **parquet_options(part.schema))
             self.extra[name] = len(part)
         return counts
 

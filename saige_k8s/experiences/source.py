@@ -7,12 +7,16 @@ Python object on the way to Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -280,9 +284,63 @@ def _stream_adbc(url: URL, statement: sa.Select) -> Iterator[Iterator[pa.RecordB
                 reader = cursor.fetch_record_batch()
             except Exception as exc:  # noqa: BLE001
                 raise _failure("query failed on", url, exc) from None
-            yield _guarded(reader, url)
+            with _read_ahead(_guarded(reader, url), cursor.adbc_cancel) as batches:
+                yield batches
     finally:
         conn.close()
+
+
+#: Batches the reading thread may hold ready: memory stays a few batches whatever the table.
+_READ_AHEAD = 2
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+@contextmanager
+def _read_ahead(batches: Iterator[pa.RecordBatch], cancel: Callable[[], object]) -> Iterator[Iterator[pa.RecordBatch]]:
+    """The batches, read on a thread of their own: the driver reads the next ones (without
+    the GIL) while the caller works on this one. A caller that leaves early cancels the
+    query and waits for the thread, so the connection is never closed under a read."""
+    ready: queue.Queue[pa.RecordBatch | _Failed | None] = queue.Queue(maxsize=_READ_AHEAD)
+    leaving = threading.Event()
+
+    def hand_over(item: pa.RecordBatch | _Failed | None) -> bool:
+        while not leaving.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(batch):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            hand_over(_Failed(exc))
+            return
+        hand_over(None)
+
+    def handed() -> Iterator[pa.RecordBatch]:
+        while (item := ready.get()) is not None:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    thread = threading.Thread(target=read, name="reader", daemon=True)
+    thread.start()
+    try:
+        yield handed()
+    finally:
+        leaving.set()
+        if thread.is_alive():
+            with contextlib.suppress(Exception):
+                cancel()
+            thread.join()
 
 
 def _guarded(batches: Iterable[pa.RecordBatch], url: URL) -> Iterator[pa.RecordBatch]:

@@ -4,7 +4,7 @@ What it measures, on the synthetic SAIGE ``experiences`` table (``saige-k8s demo
 each measurement in its own subprocess so that its peak RSS is its own:
 
 (a) ``saige-k8s extract --json --format tinyllama`` end to end (the CLI: interpreter start,
-    reflection, funnel + candidate queries, rendering, dedup, split, Parquet, manifest),
+    reflection, the one scan, rendering, dedup, split, pairs, Parquet, manifest),
     default filters and eval fraction, a fresh data root each run;
 (b) a naive seed-style baseline: the DB-API driver (``sqlite3``, or ``psycopg`` with a named
     server-side cursor), the filter in SQL, then a per-row Python loop (``json.loads`` of the
@@ -12,8 +12,10 @@ each measurement in its own subprocess so that its peak RSS is its own:
 (c) the limit: ADBC, ``SELECT * ... WHERE <same filter>``, ``fetch_record_batch()`` streamed
     straight into a zstd ``ParquetWriter``; nothing else is done to the rows.
 
-For each: wall seconds (median of ``--repeats`` runs, measured around the subprocess),
-scanned rows/s (rows in the table / median wall seconds), peak RSS in MB (the largest of the
+(a) writes preference pairs, as the command always does. The three run interleaved, round by
+round. For each: wall seconds (median of ``--repeats`` runs, measured around the subprocess),
+CPU seconds (user + system of the subprocess, median; the figure other work on a shared
+machine disturbs least), scanned rows/s (rows in the table / median wall seconds), peak RSS in MB (the largest of the
 runs; from ``/usr/bin/time -f %M`` where available, else by polling with psutil) and the
 rows each wrote. SQLite always; PostgreSQL 15 (a throwaway cluster started here, loaded with
 the same rows) unless ``--no-postgres``. Then one run of (a) at ``--rss-rows`` on SQLite, to
@@ -26,6 +28,7 @@ Run (from the repository root, with the project's virtualenv)::
     .venv/bin/python tests/benchmarks/bench_extract.py --rows 20000 --rss-rows 40000
     .venv/bin/python tests/benchmarks/bench_extract.py --rows 1000000 --rss-rows 0 --workdir /tmp/bench
     .venv/bin/python tests/benchmarks/bench_extract.py --pairs --rows 200000 --workdir /tmp/bench   # pairs off/on
+    .venv/bin/python tests/benchmarks/bench_extract.py --busy-core --rss-rows 0   # also with one core kept busy
 
 A demo database takes ~20 s and ~1 GB per million rows on SQLite; with ``--workdir`` the
 SQLite files are kept and reused by later runs when their row count matches. The internal
@@ -196,6 +199,9 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     stdout: str
+    #: User + system CPU seconds of the measured process (and its children): less sensitive
+    #: than wall time to other work on a shared machine.
+    cpu_s: float = float("nan")
 
 
 @dataclass
@@ -217,6 +223,10 @@ class Result:
         return max(r.peak_rss_mb for r in self.runs)
 
     @property
+    def cpu_s(self) -> float:
+        return statistics.median(r.cpu_s for r in self.runs)
+
+    @property
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s
 
@@ -226,13 +236,13 @@ def log(message: str) -> None:
 
 
 def measure(cmd: Sequence[str], log_path: Path) -> Run:
-    """Run ``cmd`` to completion; its wall time and peak RSS (its own, not this process's)."""
+    """Run ``cmd`` to completion; its wall time, CPU time and peak RSS (its own, not this process's)."""
     with open(log_path, "w") as stderr:
         if GNU_TIME.exists():
-            rss_file = log_path.with_suffix(".maxrss")
+            usage_file = log_path.with_suffix(".usage")
             started = time.perf_counter()
             proc = subprocess.run(
-                [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *cmd],
+                [str(GNU_TIME), "-f", "%M %U %S", "-o", str(usage_file), *cmd],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
@@ -240,21 +250,25 @@ def measure(cmd: Sequence[str], log_path: Path) -> Run:
             )
             wall = time.perf_counter() - started
             stdout, code = proc.stdout, proc.returncode
-            lines = rss_file.read_text().split() if rss_file.exists() else []
-            peak_kb = float(lines[-1]) if lines and lines[-1].isdigit() else float("nan")
+            fields = usage_file.read_text().splitlines()[-1].split() if usage_file.exists() else []
+            try:
+                peak_kb, cpu = float(fields[0]), float(fields[1]) + float(fields[2])
+            except (IndexError, ValueError):
+                peak_kb = cpu = float("nan")
         else:
-            stdout, code, wall, peak_kb = _measure_psutil(cmd, stderr)
+            stdout, code, wall, peak_kb, cpu = _measure_psutil(cmd, stderr)
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\n{tail}")
-    return Run(wall, peak_kb / 1024, stdout)
+    return Run(wall, peak_kb / 1024, stdout, cpu)
 
 
-def _measure_psutil(cmd: Sequence[str], stderr) -> tuple[str, int, float, float]:
+def _measure_psutil(cmd: Sequence[str], stderr) -> tuple[str, int, float, float, float]:
     import psutil
 
     with tempfile.TemporaryFile("w+") as out:
         started = time.perf_counter()
+        before = os.times()
         proc = psutil.Popen(list(cmd), stdout=out, stderr=stderr, text=True)
         peak = 0
         while proc.poll() is None:
@@ -263,8 +277,25 @@ def _measure_psutil(cmd: Sequence[str], stderr) -> tuple[str, int, float, float]
                 peak = max(peak, sum(p.memory_info().rss for p in tree))
             time.sleep(0.02)
         wall = time.perf_counter() - started
+        after = os.times()
+        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
         out.seek(0)
-        return out.read(), proc.returncode, wall, peak / 1024
+        return out.read(), proc.returncode, wall, peak / 1024, cpu
+
+
+@contextlib.contextmanager
+def busy_core(enabled: bool) -> Iterator[None]:
+    """A second process that keeps one core busy while the block runs (``--busy-core``)."""
+    if not enabled:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    log(f"busy-core: process {spinner.pid} keeps one core busy")
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def saige_cli() -> list[str]:
@@ -272,9 +303,10 @@ def saige_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "saige_k8s"]
 
 
-def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool) -> Result:
+def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool, first: int = 1) -> Result:
+    """``repeats`` runs of (a), numbered from ``first`` (each run's own log and data root)."""
     result = Result(database, METHOD_A, rows)
-    for i in range(1, repeats + 1):
+    for i in range(first, first + repeats):
         data_root = scratch / f"a-{database}-{rows}-{i}"
         shutil.rmtree(data_root, ignore_errors=True)
         cmd = [*saige_cli(), "extract", "--db", db, "--data-root", str(data_root), "--json", "--format", "tinyllama"]
@@ -303,9 +335,10 @@ def bench_worker(
     repeats: int,
     keep: bool,
     suffix: str,
+    first: int = 1,
 ) -> Result:
     result = Result(database, method, rows)
-    for i in range(1, repeats + 1):
+    for i in range(first, first + repeats):
         out = scratch / f"{mode.strip('_')}-{database}-{rows}-{i}.{suffix}"
         cmd = [sys.executable, str(Path(__file__).resolve()), mode, dialect, target, str(out)]
         run = measure(cmd, out.with_suffix(".log"))
@@ -474,13 +507,14 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def results_table(results: list, wall_header: str) -> str:
     """The benchmark's result rows as a markdown table."""
     return markdown(
-        ["database", "method", "rows", wall_header, "scanned rows/s", "peak RSS MB", "rows out"],
+        ["database", "method", "rows", wall_header, "CPU s", "scanned rows/s", "peak RSS MB", "rows out"],
         [
             [
                 r.database,
                 r.method,
                 f"{r.rows:,}",
                 f"{r.wall_s:.2f}",
+                f"{r.cpu_s:.2f}",
                 f"{r.rows_per_s:,.0f}",
                 f"{r.peak_rss_mb:,.0f}",
                 f"{r.rows_out:,}",
@@ -490,8 +524,12 @@ def results_table(results: list, wall_header: str) -> str:
     )
 
 
-def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[str, str], code_after: str) -> str:
+def report(
+    results: list[Result], rss: list[Result], repeats: int, code: tuple[str, str], code_after: str, busy: bool
+) -> str:
     out = [f"Machine: {machine()}", f"Code: {code[0]}, sources {code[1]}"]
+    if busy:
+        out.append("Lines marked 'busy core': a second process kept one core busy while they were measured.")
     if code_after != code[1]:
         out.append(
             f"WARNING: the package's sources changed during the run ({code[1]} -> {code_after}); "
@@ -512,6 +550,8 @@ def report(results: list[Result], rss: list[Result], repeats: int, code: tuple[s
             f"- {database}: (a) vs (b) = {b.wall_s / a.wall_s:.2f} (b's wall / a's wall; above 1, (a) is faster; "
             f"{a.wall_s:.2f} s vs {b.wall_s:.2f} s). (a) vs (c) = {a.wall_s / c.wall_s:.2f} (a's wall / c's wall: "
             f"(a) takes this many times the limit's time; {a.wall_s:.2f} s vs {c.wall_s:.2f} s). "
+            f"In CPU seconds: b/a = {b.cpu_s / a.cpu_s:.2f}, a/c = {a.cpu_s / c.cpu_s:.2f} "
+            f"({a.cpu_s:.2f}, {b.cpu_s:.2f}, {c.cpu_s:.2f} CPU-s). "
             f"(a) in-process, from the manifest's duration_seconds (median): {statistics.median(a.inner_s):.2f} s."
         )
     if rss:
@@ -535,13 +575,24 @@ def bench_database(
     scratch: Path,
     repeats: int,
     keep: bool,
+    busy: bool = False,
 ) -> list[Result]:
-    log(f"{database}: {rows} rows, {repeats} runs per method")
-    return [
-        bench_saige(database, extract_db, rows, scratch, repeats, keep),
-        bench_worker("_baseline", METHOD_B, database, dialect, driver_target, rows, scratch, repeats, keep, "csv"),
-        bench_worker("_adbc", METHOD_C, database, dialect, adbc_target, rows, scratch, repeats, keep, "parquet"),
-    ]
+    """(a), (b) and (c), interleaved round by round, so that a change of load elsewhere hits all three alike."""
+    label = f"{database}, busy core" if busy else database
+    log(f"{label}: {rows} rows, {repeats} runs per method")
+    results = [Result(label, method, rows) for method in (METHOD_A, METHOD_B, METHOD_C)]
+    with busy_core(busy):
+        for i in range(1, repeats + 1):
+            rounds = [
+                bench_saige(label, extract_db, rows, scratch, 1, keep, i),
+                bench_worker("_baseline", METHOD_B, label, dialect, driver_target, rows, scratch, 1, keep, "csv", i),
+                bench_worker("_adbc", METHOD_C, label, dialect, adbc_target, rows, scratch, 1, keep, "parquet", i),
+            ]
+            for total, one in zip(results, rounds, strict=True):
+                total.runs += one.runs
+                total.inner_s += one.inner_s
+                total.rows_out = one.rows_out
+    return results
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -563,6 +614,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="Keep the outputs (datasets, CSV, Parquet, logs).")
     parser.add_argument(
         "--pairs", action="store_true", help="Only (a) with preference pairs off and on, SQLite (the cost of pairs)."
+    )
+    parser.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="Measure each database twice: as it is, then with a second process keeping one core busy.",
     )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.rss_rows < 0 or args.repeats < 1:
@@ -590,32 +646,29 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
         return
     try:
+        loads = (False, True) if args.busy_core else (False,)
         sqlite_path = ensure_sqlite(workdir, args.rows)
-        results += bench_database(
-            "sqlite",
-            str(sqlite_path),
-            "sqlite",
-            str(sqlite_path),
-            str(sqlite_path),
-            args.rows,
-            scratch,
-            args.repeats,
-            args.keep,
-        )
+        for busy in loads:
+            target = str(sqlite_path)
+            results += bench_database(
+                "sqlite", target, "sqlite", target, target, args.rows, scratch, args.repeats, args.keep, busy
+            )
         if not args.no_postgres:
             with postgres_cluster() as (base, _port):
                 load_postgres(base, args.rows)
-                results += bench_database(
-                    "postgresql",
-                    f"postgresql+psycopg://{base}",
-                    "postgresql",
-                    f"postgresql://{base}",
-                    f"postgresql://{base}",
-                    args.rows,
-                    scratch,
-                    args.repeats,
-                    args.keep,
-                )
+                for busy in loads:
+                    results += bench_database(
+                        "postgresql",
+                        f"postgresql+psycopg://{base}",
+                        "postgresql",
+                        f"postgresql://{base}",
+                        f"postgresql://{base}",
+                        args.rows,
+                        scratch,
+                        args.repeats,
+                        args.keep,
+                        busy,
+                    )
         if args.rss_rows:
             a_rows = next(r for r in results if r.database == "sqlite" and r.method == METHOD_A)
             rss.append(Result("sqlite", METHOD_A + " (1 run)", args.rows, a_rows.runs[:1], a_rows.rows_out))
@@ -631,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
             if not args.workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
-    print(report(results, rss, args.repeats, code, code_version()[1]))
+    print(report(results, rss, args.repeats, code, code_version()[1], args.busy_core))
 
 
 if __name__ == "__main__":
