@@ -46,8 +46,11 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     db = root / "demo.db"
     create_database(str(db), DemoOptions(rows=400, seed=1))
     with sqlite3.connect(db) as conn:
-        kept = [r[0] for r in conn.execute("SELECT id FROM experiences WHERE actual_harm < 0.2 AND buddhist_alignment = 'excellent' "
-            "AND buddhist_weighted_score >= 7 ORDER BY id LIMIT 3")]
+        query = (
+            "SELECT id FROM experiences WHERE actual_harm < 0.2 AND buddhist_alignment = 'excellent' "
+            "AND buddhist_weighted_score >= 7 ORDER BY id LIMIT 3"
+        )
+        kept = [r[0] for r in conn.execute(query)]
         for (user, response), row_id in zip(PADDED.values(), kept, strict=True):
             conn.execute("UPDATE experiences SET user_message = ?, response = ? WHERE id = ?", (user, response, row_id))
     rows = {}
@@ -105,12 +108,13 @@ def test_mistral_refuses_a_system_message_it_was_never_trained_with() -> None:
 
 
 @pytest.mark.parametrize(
-    "system", ['quotes " and \' and \\ backslash', "line\nbreaks\tand tabs\r\n", "{{ braces }} {% raw %}", "émoji 🙏"]
+    "system", ["quotes \" and ' and \\ backslash", "line\nbreaks\tand tabs\r\n", "{{ braces }} {% raw %}", "émoji 🙏"]
 )
 def test_a_system_prompt_is_data_in_the_template_whatever_it_holds(system: str) -> None:
     tokenizer = _tokenizer(chat_template("llama3", system))
     expected, _ = render(FORMATS["llama3"], system, "Hi?", None, "x")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True)
+    chat = [{"role": "user", "content": "Hi?"}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert rendered == expected
 
 
@@ -129,7 +133,11 @@ def ollama(tmp_path_factory: pytest.TempPathFactory):
 
     def chat(text: str, messages: list[dict]) -> dict:
         done = subprocess.run(
-            [binary], input=json.dumps({"modelfile": text, "messages": messages}), capture_output=True, text=True
+            [binary],
+            check=False,
+            input=json.dumps({"modelfile": text, "messages": messages}),
+            capture_output=True,
+            text=True,
         )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
