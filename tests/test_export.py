@@ -212,6 +212,7 @@ def _greedy_llama_cpp(llama_cpp, model: Path, prompt_ids: list[int], lora: Path 
         tokens.append(token)
         if len(tokens) == TOKENS:
             break
+    llm.close()
     return tokens
 
 
@@ -251,7 +252,9 @@ def test_gguf_runs_in_llama_cpp_as_transformers_does(exported: Path, trained: tu
     assert (exported / "Modelfile").read_text().startswith("FROM ./gguf/model-Q8_0.gguf\n")
     adapter_form = (exported / "Modelfile.adapter").read_text()
     assert adapter_form.startswith("FROM ./gguf/base-f16.gguf\nADAPTER ./gguf/adapter-f16.gguf\n")
-    _check_gguf_tokens(llama_cpp, exported, spec["train"]["model"])
+    got = _check_gguf_tokens(llama_cpp, exported, spec["train"]["model"])
+    # The LoRA does change what the base says: the equality above is the adapter's, not the base's.
+    assert _greedy_llama_cpp(llama_cpp, exported / "gguf" / "base-f16.gguf", _prompt_ids(exported)) != got["merged"]
     assert len(_greedy_llama_cpp(llama_cpp, exported / "gguf" / "model-Q8_0.gguf", _prompt_ids(exported))) == TOKENS
     assert _readable_by_group(exported / "gguf") == []
 
