@@ -128,7 +128,7 @@ def ollama(tmp_path_factory: pytest.TempPathFactory):
     if go is None:
         need_tool("go is not installed (apt-get install golang-go): Ollama's templates are Go templates")
     binary = tmp_path_factory.mktemp("go") / "ollama_prompt"
-    env = {**os.environ, "GOCACHE": str(binary.parent / "cache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+    env = {**os.environ, "GOCACHE": str(binary.parent / "cache"), "GO111MODULE": "off"}
     subprocess.run([go, "build", "-o", str(binary), str(HERE / "ollama_prompt" / "main.go")], check=True, env=env)
 
     def chat(text: str, messages: list[dict]) -> dict:
