@@ -275,7 +275,7 @@ def test_the_demo_smollm2_adapter_exports_and_runs_in_llama_cpp(tmp_path: Path) 
     demo = yaml.safe_load((Path(__file__).parent.parent / "jobs" / "demo.yaml").read_text())
     demo["data_root"] = str(tmp_path / "data")
     demo["source"] = {"url": str(tmp_path / "demo.db"), "demo": {"rows": 600, "seed": 0}}
-    demo["train"].update(max_steps=4, save_steps=100, export=False, learning_rate=0.003)
+    demo["train"].update(max_steps=4, save_steps=100, export=False, learning_rate=0.003, max_eval_examples=8)
     demo["evaluate"] = {"enabled": False}
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
     assert run_cli("run", "-f", tmp_path / "demo.yaml").exit_code == 0
