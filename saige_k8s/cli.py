@@ -881,6 +881,7 @@ def promote(run_id: str, spec_path: Path | None, data_root: Path | None, reason:
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"run {run_id} has no adapter at {adapter}")
     store.promote(run_id, reasons=[reason] if reason else ["promoted by hand"], by="human")
+    _publish_champion(root, store.pipeline)
     click.echo(f"{run_id} is the champion of pipeline {store.pipeline}")
 
 
@@ -890,9 +891,17 @@ def promote(run_id: str, spec_path: Path | None, data_root: Path | None, reason:
 @click.option("--reason", default="", help="Why, for the history.")
 def rollback(spec_path: Path | None, data_root: Path | None, reason: str) -> None:
     """Restore the champion before the current one (recorded in the history)."""
-    store, _ = _champion_store(spec_path, data_root)
+    store, root = _champion_store(spec_path, data_root)
     restored = store.rollback(reasons=[reason] if reason else [])
+    _publish_champion(root, store.pipeline)
     click.echo(f"{restored} is the champion of pipeline {store.pipeline} again")
+
+
+def _publish_champion(root: Path, pipeline: str) -> None:
+    """The serving directory (models/PIPELINE/serving) follows every change of champion."""
+    from saige_k8s.training.serving import publish
+
+    publish(root, pipeline)
 
 
 def _champion_store(spec_path: Path | None, data_root: Path | None):
@@ -908,11 +917,24 @@ def _champion_store(spec_path: Path | None, data_root: Path | None):
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="[default: RUN_DIR/merged]")
 @click.option("--force", is_flag=True, help="Export a run the gate rejected (its eval.json says so).")
-def export(run_dir: Path, out: Path | None, force: bool) -> None:
-    """Merge a run's adapter into its base model (safetensors) and write an Ollama Modelfile.
+@click.option("--gguf", is_flag=True, help="Also write RUN_DIR/gguf/: merged, base and LoRA GGUF.")
+@click.option("--quantize", type=click.Choice(["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]), help="Quantise the GGUF.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="Merged model dtype (auto: the base's; float16 for a GGUF base).",
+)
+@click.option("--cloudflare", is_flag=True, help="Check Workers AI's limits; write RUN_DIR/cloudflare/.")
+def export(
+    run_dir: Path, out: Path | None, force: bool, gguf: bool, quantize: str | None, dtype: str, cloudflare: bool
+) -> None:
+    """Make a run servable: portable adapter, merged model (safetensors), optional GGUF, Ollama Modelfiles.
 
     \b
     Then: ollama create saige-ethics -f RUN_DIR/Modelfile
+          vllm serve BASE --enable-lora --lora-modules saige=RUN_DIR/adapter
     """
     if not run_dir.is_dir():  # before seconds of torch imports
         raise InputError(
@@ -922,10 +944,17 @@ def export(run_dir: Path, out: Path | None, force: bool) -> None:
 
     with expected_noise_silenced():
         with lifecycle.deferred():
-            from saige_k8s.training.export import MODELFILE, export_run
+            from saige_k8s.training.export import export_run
 
-        merged = export_run(run_dir, out, force=force)
-    click.echo(f"Merged model in {merged}; Ollama: ollama create saige-ethics -f {run_dir / MODELFILE}")
+        done = export_run(run_dir, out, force=force, gguf=gguf, quantize=quantize, dtype=dtype, cloudflare=cloudflare)
+    click.echo(f"Merged model in {done.merged}")
+    for path in done.gguf.values():
+        click.echo(f"GGUF: {path}")
+    if done.cloudflare is not None:
+        click.echo(f"Workers AI adapter in {done.cloudflare}")
+    if done.serving is not None:
+        click.echo(f"Champion serving directory: {done.serving}")
+    click.echo("Ollama: " + "; ".join(f"ollama create saige-ethics -f {m}" for m in done.modelfiles))
 
 
 @cli.command()

@@ -21,7 +21,6 @@ except ImportError:
 
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
 from saige_k8s.spec import Programs, extract_command, train_command
-from saige_k8s.training.export import modelfile
 from tests.tiny_model import build_tiny_model
 
 REPO = Path(__file__).parent.parent
@@ -108,19 +107,6 @@ def test_run_stops_below_min_examples(tmp_path: Path, tiny_model: Path) -> None:
     assert result.exit_code == 2
     assert "below extract.min_examples (100000); not training" in result.stderr
     assert not (tmp_path / "data" / "runs").exists()
-
-
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_modelfile_template_prompts_like_the_dataset(name: str) -> None:
-    text = modelfile(name, DEFAULT_SYSTEM_PROMPT)
-    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    if "{{ if .System }}" in template:
-        with_system = template.split("{{ if .System }}")[1].split("{{ else }}")[0]
-        template = with_system + template.split("{{ end }}", 1)[1]
-    rendered = template.replace("{{ .System }}", DEFAULT_SYSTEM_PROMPT).replace("{{ .Prompt }}", "Hi?")
-    prompt, _ = render(FORMATS[name], DEFAULT_SYSTEM_PROMPT, "Hi?", None, "x")
-    assert rendered == prompt
-    assert f'PARAMETER stop "{FORMATS[name].end_of_turn}"' in text
 
 
 def test_local_and_image_commands_differ_only_in_the_program() -> None:

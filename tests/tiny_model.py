@@ -23,16 +23,29 @@ SPECIAL = [
 ]
 
 
-def build_tiny_model(target: Path, corpus: Iterable[str], vocab_size: int = 600, hidden: int = 64) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_model(
+    target: Path, corpus: Iterable[str], vocab_size: int = 600, hidden: int = 64, *, llama2_vocab: bool = False
+) -> Path:
+    """``llama2_vocab``: a Llama 2 style tokenizer (BPE with byte fallback, ``▁`` for spaces), one
+    that llama.cpp's converter reads without knowing it (a byte-level BPE must be a known one)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    if llama2_vocab:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        specials = SPECIAL + [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=specials)
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     target.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,7 +115,13 @@ def remove_stale(directory: Path, names: set[str] | None = None) -> list[Path]:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
+    """Sync every file, and make it readable by the group: a serving pod with another UID that
+    shares the volume through ``fsGroup`` must read what was written (safetensors writes 0600)."""
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        wanted = mode | stat.S_IRGRP | (stat.S_IXGRP if path.is_dir() else 0)
+        if wanted != mode:
+            os.chmod(path, stat.S_IMODE(wanted))
         if path.is_file():
             fsync_path(path)
     fsync_path(root)

@@ -35,6 +35,7 @@ from saige_k8s.training import atomic
 from saige_k8s.training.data import IGNORE, Example, load_dataset_dir, tokenize, tokenize_all
 from saige_k8s.training.loop import ADAPTER, METRICS
 from saige_k8s.training.model import load_base_model, load_tokenizer
+from saige_k8s.training.serving import publish
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ def evaluate_run(run_dir: Path, data_root: Path, pipeline: str, settings: Evalua
     }
     if verdict.promoted:
         store.promote(candidate, **record)
+        publish(data_root, store.pipeline)  # the serving directory follows the champion
     else:
         store.reject(candidate, **record)
     return result
