@@ -38,6 +38,7 @@ from saige_k8s.dataset.curate import (
     score_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
+from saige_k8s.dataset.kto import UndesirableRows
 from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats
 from saige_k8s.dataset.suite import load_suite
@@ -73,7 +74,7 @@ class ExtractRequest:
     adbc: bool = True
     #: Called with the manifest and the unpublished directory, to add files (metrics.prom).
     before_publish: Callable[[dict[str, Any], Path], object] | None = None
-    #: Preference pairs (pairs-{train,eval}.parquet) beside the examples.
+    #: Preference data beside the examples: pairs (pairs-{train,eval}.parquet) and the KTO part (kto-*.parquet).
     pairs: bool = True
     #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
     suite: tuple[Path, ...] | list[Path] = ()
@@ -182,6 +183,8 @@ class _Read:
     streamed: int = 0
     #: Preference pairs written, by split.
     pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    #: Undesirable examples of the KTO part written, by split.
+    kto: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
@@ -201,6 +204,7 @@ def _write_candidates(
     limit = request.filters.limit
     progress = _progress(request.progress)
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
+    kto = UndesirableRows(fmt, request.system_prompt, request.filters, excluded)
     uncounted = StageCounts()  # rows judged for pairs only: their counts are the funnel's or past the limit
     query = rows_query(judgement, source.id_is_integer, with_removed=pairs is not None)
     with stream(source.url, query, request.adbc) as batches:
@@ -213,14 +217,15 @@ def _write_candidates(
                 read.streamed += len(raw)
                 passed = pc.equal(raw.column("verdict"), judgement.candidate)
                 candidates = raw.filter(passed)
-                _add_pairs(pairs, raw.filter(pc.invert(passed)), request, uncounted, None)
+                _add_pairs(pairs, kto, raw.filter(pc.invert(passed)), request, uncounted, None)
                 if read.reached_limit:
-                    _add_pairs(pairs, candidates, request, uncounted, True)
+                    _add_pairs(pairs, kto, candidates, request, uncounted, True)
                     continue
             read.fetched += len(candidates)
             scored, passes = score_rows(judge_texts(candidates, read.stage), request.filters, read.stage)
             if pairs is not None:
                 pairs.add(scored, passes)
+                kto.add(scored, passes)
             judged = scored if passes.all() else scored.filter(pa.array(passes))
             if request.strict and read.stage.first_invalid:
                 continue  # failing anyway: judge the rest only to report the true count
@@ -240,15 +245,27 @@ def _write_candidates(
     if pairs is not None:
         table, keys = pairs.pairs()
         read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
+        table, keys = kto.table(OUTPUT_SCHEMA)
+        read.kto = writer.write_part("kto", table, in_eval(keys, request.eval_fraction))
     return read
 
 
 def _add_pairs(
-    pairs: PairBuilder, rows: pa.RecordBatch, request: ExtractRequest, counts: StageCounts, kept: bool | None
+    pairs: PairBuilder,
+    kto: UndesirableRows,
+    rows: pa.RecordBatch,
+    request: ExtractRequest,
+    counts: StageCounts,
+    kept: bool | None,
 ) -> None:
-    """Judge rows for pairs only; ``kept`` None: removed by a filter in SQL (none passes), else by the filters here."""
+    """Judge rows for the preference data only.
+
+    ``kept`` None: removed by a filter in SQL (none passes), else by the filters here.
+    """
     scored, passes = score_rows(judge_texts(rows, counts), request.filters, counts)
-    pairs.add(scored, passes if kept else np.zeros(len(scored), dtype=bool))
+    passes = passes if kept else np.zeros(len(scored), dtype=bool)
+    pairs.add(scored, passes)
+    kto.add(scored, passes)
 
 
 def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
@@ -344,6 +361,7 @@ def _manifest(
         "invalid": invalid,
         "removed": removed,
         "pairs": dict(read.pairs),
+        "kto": dict(read.kto),
         "funnel": funnel_steps,
         "stats": stats.as_dict(),
         "source_stats": source_stats,
