@@ -152,7 +152,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     model.train()
     waste = []
     mine: list[list[int]] = []
-    run_started = time.perf_counter()
+    run_started, cpu_started = time.perf_counter(), time.process_time()
     tokens_at_start = state.tokens
     window_loss, window_batches = 0.0, 0
     window_figures: Figures = {}
@@ -210,6 +210,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
     duration = time.perf_counter() - started
     train_seconds = time.perf_counter() - run_started  # the loop only: tokens/s is the training rate
+    train_cpu_seconds = time.process_time() - cpu_started  # this process's threads: beside wall time on a busy machine
     eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
     eval_objective = objective.evaluate(accelerator, model)
     metrics = {
@@ -238,6 +239,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         "device": str(accelerator.device),
         "duration_seconds": duration,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "hyperparameters": spec.model_dump(),
         "log": state.log,
         "finished_at": time.time(),
