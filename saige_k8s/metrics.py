@@ -213,17 +213,17 @@ class TrainingCollector(Collector):
         )
         yield from _preference_series(m)
         info = GaugeMetricFamily(
-            "saige_train_info", "The newest trained run (value 1).", labels=["base_model", "dataset_id", "run_id"]
+            "saige_train_info",
+            "The newest trained run (value 1).",
+            labels=["base_model", "dataset_id", "run_id", "method"],
         )
-        info.add_metric([str(m.get("base_model") or ""), str(m.get("dataset_id") or ""), str(m.get("run_id") or "")], 1)
+        ids = [str(m.get(key) or "") for key in ("base_model", "dataset_id", "run_id")]
+        info.add_metric([*ids, str(m.get("method") or "sft")], 1)
         yield info
 
 
 def _preference_series(m: dict[str, Any]) -> Iterator[Metric]:
-    """dpo/kto: their rewards (β × log-ratio against the base) on train (last window) and eval, and the method."""
-    method = GaugeMetricFamily("saige_train_method_info", "The training method (value 1).", labels=["method"])
-    method.add_metric([str(m.get("method") or "sft")], 1)
-    yield method
+    """dpo/kto: their rewards (β × log-ratio against the base) on train (last window) and eval."""
     last = m["log"][-1] if m.get("log") else {}
     splits = {"train": last, "eval": m.get("eval_preference") or {}}
     rewards = GaugeMetricFamily(
@@ -491,6 +491,9 @@ _SAMPLE_EVALUATION: dict[str, Any] = {
 }
 _SAMPLE_TRAINING: dict[str, Any] = {
     **{key: 1.0 for key in TRAINING_GAUGES},
+    "method": "dpo",
+    "log": [{"step": 1, "loss": 1.0, "rewards/chosen": 1.0, "rewards/accuracy": 1.0}],
+    "eval_preference": {"loss": 1.0, "rewards/margins": 1.0, "rewards/accuracy": 1.0},
     "base_model": "sample",
     "dataset_id": "sample",
     "run_id": "sample",
