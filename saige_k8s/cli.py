@@ -320,6 +320,23 @@ def _train_options(func):  # noqa: ANN001 - a click decorator
                 f"[default: {default.model}]."
             },
         ),
+        (
+            "--method",
+            {
+                "type": _choices(fields["method"].annotation),
+                "help": "sft: learn the kept answers; dpo: the extraction's preference pairs; kto: kept answers "
+                f"against the poor/harmful ones [default: {default.method}].",
+            },
+        ),
+        ("--beta", {"type": float, "help": f"dpo/kto: closeness to the base model [default: {default.beta}]."}),
+        ("--dpo-loss", {"type": _choices(fields["dpo_loss"].annotation), "help": f"[default: {default.dpo_loss}]"}),
+        (
+            "--sample-weights",
+            {
+                "type": _choices(_plain_type(fields["sample_weights"].annotation)),
+                "help": "sft: scale each example's loss by its weighted score [default: unweighted].",
+            },
+        ),
         ("--epochs", {"type": float, "help": f"[default: {default.epochs}]"}),
         ("--batch-size", {"type": int, "help": f"Per process [default: {default.batch_size}]."}),
         ("--gradient-accumulation", {"type": int, "help": f"[default: {default.gradient_accumulation}]"}),

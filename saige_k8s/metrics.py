@@ -212,11 +212,47 @@ class TrainingCollector(Collector):
         yield GaugeMetricFamily(
             "saige_train_last_success_timestamp_seconds", "When a training run last finished.", value=self.finished_at
         )
+        yield from _preference_series(m)
         info = GaugeMetricFamily(
-            "saige_train_info", "The newest trained run (value 1).", labels=["base_model", "dataset_id", "run_id"]
+            "saige_train_info",
+            "The newest trained run (value 1).",
+            labels=["base_model", "dataset_id", "run_id", "method"],
         )
-        info.add_metric([str(m.get("base_model") or ""), str(m.get("dataset_id") or ""), str(m.get("run_id") or "")], 1)
+        ids = [str(m.get(key) or "") for key in ("base_model", "dataset_id", "run_id")]
+        info.add_metric([*ids, str(m.get("method") or "sft")], 1)
         yield info
+
+
+def _preference_series(m: dict[str, Any]) -> Iterator[Metric]:
+    """dpo/kto: their rewards (β × log-ratio against the base) on train (last window) and eval."""
+    last = m["log"][-1] if m.get("log") else {}
+    splits = {"train": last, "eval": m.get("eval_preference") or {}}
+    rewards = GaugeMetricFamily(
+        "saige_train_rewards",
+        "dpo/kto: mean implied reward of the chosen (desirable) and rejected (undesirable) answers, and their margin.",
+        labels=["kind", "split"],
+    )
+    accuracy = GaugeMetricFamily(
+        "saige_train_reward_accuracy",
+        "dpo: share of pairs whose chosen answer has the higher reward; kto: share of answers on their side.",
+        labels=["split"],
+    )
+    for split, figures in splits.items():
+        for kind in ("chosen", "rejected", "margins"):
+            if figures.get(f"rewards/{kind}") is not None:
+                rewards.add_metric([kind, split], float(figures[f"rewards/{kind}"]))
+        if figures.get("rewards/accuracy") is not None:
+            accuracy.add_metric([split], float(figures["rewards/accuracy"]))
+    if rewards.samples:
+        yield rewards
+    if accuracy.samples:
+        yield accuracy
+    if (m.get("eval_preference") or {}).get("loss") is not None:
+        yield GaugeMetricFamily(
+            "saige_train_eval_preference_loss",
+            "dpo/kto: the method's own loss on the eval split after training.",
+            value=float(m["eval_preference"]["loss"]),
+        )
 
 
 def training_registry(metrics: dict[str, Any], finished_at: float | None = None) -> CollectorRegistry:
@@ -456,6 +492,9 @@ _SAMPLE_EVALUATION: dict[str, Any] = {
 }
 _SAMPLE_TRAINING: dict[str, Any] = {
     **{key: 1.0 for key in TRAINING_GAUGES},
+    "method": "dpo",
+    "log": [{"step": 1, "loss": 1.0, "rewards/chosen": 1.0, "rewards/accuracy": 1.0}],
+    "eval_preference": {"loss": 1.0, "rewards/margins": 1.0, "rewards/accuracy": 1.0},
     "base_model": "sample",
     "dataset_id": "sample",
     "run_id": "sample",

@@ -147,6 +147,18 @@ class TrainSpec(_Strict):
     """Fine-tuning settings; the ``saige-k8s train`` flags of the same names override them."""
 
     model: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    #: sft: learn the kept answers; dpo: prefer each pair's chosen answer to its rejected one;
+    #: kto: kept answers are desirable, the extraction's poor/harmful ones undesirable.
+    method: Literal["sft", "dpo", "kto"] = "sft"
+    #: dpo/kto: how far the adapter may move from the base model (the reference); larger stays closer.
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    #: dpo's loss: sigmoid is the DPO paper's.
+    dpo_loss: Literal["sigmoid"] = "sigmoid"
+    #: kto: weights of the desirable and undesirable examples' losses (balance a lopsided dataset).
+    desirable_weight: Annotated[float, Field(gt=0)] = 1.0
+    undesirable_weight: Annotated[float, Field(gt=0)] = 1.0
+    #: sft: scale each example's loss by its weighted score (relative to the mean); unset: unweighted.
+    sample_weights: Literal["weighted_score"] | None = None
     epochs: Annotated[float, Field(gt=0)] = 3.0
     batch_size: Annotated[int, Field(ge=1)] = 4
     gradient_accumulation: Annotated[int, Field(ge=1)] = 1
@@ -180,6 +192,15 @@ class TrainSpec(_Strict):
     rendezvous_timeout: Annotated[int, Field(ge=10)] = 900
     #: Merge the adapter into the base model and write an Ollama Modelfile after training.
     export: bool = False
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> TrainSpec:
+        """Settings that cannot work together are refused before any model is loaded."""
+        if self.sample_weights is not None and self.method != "sft":
+            raise ValueError(f"sample_weights applies to method sft; {self.method} has its own objective")
+        if self.method == "kto" and self.batch_size < 2:
+            raise ValueError("method kto needs batch_size 2 or more: its reference KL is estimated within a batch")
+        return self
 
 
 #: A Kubernetes object name (DNS-1123 label).

@@ -212,6 +212,13 @@ def test_metric_families_have_low_cardinality(demo_sqlite: str, tmp_path: Path) 
         labels = {k for sample in family.samples for k in sample.labels}
         assert bool(labels) == (family.name == "saige_train_info"), family.name
         assert len(family.samples) == 1, family.name
+    # dpo/kto add their rewards: by kind and split only, a handful of series.
+    preference = {**record, "method": "dpo", "log": [{"rewards/chosen": 1.0, "rewards/accuracy": 0.5}]}
+    preference["eval_preference"] = {"rewards/chosen": 1.0, "rewards/rejected": 0.0, "rewards/margins": 1.0}
+    for family in training_registry(preference).collect():
+        labels = {k for sample in family.samples for k in sample.labels}
+        if family.name in ("saige_train_rewards", "saige_train_reward_accuracy"):
+            assert labels <= {"kind", "split"} and len(family.samples) <= 6, family.name
 
 
 def test_training_registry_leaves_out_what_the_run_did_not_measure() -> None:

@@ -64,9 +64,25 @@ def test_killed_mid_write_leaves_previous_dataset_and_latest(tmp_path: Path, sig
 TRIALS = int(os.environ.get("SAIGE_SIGNAL_TRIALS", "20"))
 EXIT_WITHIN_S = 5.0
 EXPECTED = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, signal.SIGINT: 130}
-#: Before this, the interpreter itself is starting (no project code has run, Python's default
-#: handlers are in place): from here on the project's handlers are.
-EARLIEST_S = 0.15
+
+
+def _handlers_installed(pid: int, timeout: float = 60.0) -> None:
+    """Wait until the process catches SIGTERM (the SigCgt mask of /proc/PID/status).
+
+    A trial's clock starts there: before, the interpreter itself is starting, no project code
+    has run and the kernel's default action applies; how long that takes depends on the
+    machine's load, not on the project."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return  # already gone
+        caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"process {pid} installed no SIGTERM handler within {timeout} s")
 
 
 def _cli(*args: object) -> list[str]:
@@ -78,6 +94,7 @@ def _signal_at(cmd: list[str], sig: signal.Signals, delay: float) -> tuple[int, 
     the exit, and stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        _handlers_installed(proc.pid)
         time.sleep(delay)
         sent = time.monotonic()
         if proc.poll() is None:
@@ -218,7 +235,7 @@ def _trials(target, sig: signal.Signals, seed: int) -> list[tuple[int, float]]:
     rng = random.Random(seed)
     outcomes = []
     for i in range(TRIALS):
-        delay = rng.uniform(EARLIEST_S, target.duration_s)
+        delay = rng.uniform(0.0, target.duration_s)
         key = f"{sig.name.lower()}-{i}"
         code, took, err = _signal_at(target.trial_command(key), sig, delay)
         where = f"{type(target).__name__} trial {i} ({sig.name} after {delay:.2f} s)"

@@ -36,6 +36,7 @@ from saige_k8s.dataset.curate import (
     score_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
+from saige_k8s.dataset.kto import UndesirableRows
 from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats, value_counts
 from saige_k8s.dataset.suite import load_suite
@@ -71,7 +72,7 @@ class ExtractRequest:
     adbc: bool = True
     #: Called with the manifest and the unpublished directory, to add files (metrics.prom).
     before_publish: Callable[[dict[str, Any], Path], object] | None = None
-    #: Preference pairs (pairs-{train,eval}.parquet) beside the examples.
+    #: Preference data beside the examples: pairs (pairs-{train,eval}.parquet) and the KTO part (kto-*.parquet).
     pairs: bool = True
     #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
     suite: tuple[Path, ...] | list[Path] = ()
@@ -198,6 +199,8 @@ class _Read:
     streamed: int = 0
     #: Preference pairs written, by split.
     pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    #: Undesirable examples of the KTO part written, by split.
+    kto: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
@@ -215,10 +218,10 @@ def _write_candidates(
 ) -> _Read:
     """Scan the table once: every row's verdict feeds the funnel, candidates become examples.
 
-    With preference pairs, every usable row, kept or removed by a filter, reaches the pair
-    builder through ``ValidRows.add`` (``valid_rows`` below is where another consumer of the
-    same rows joins). Past --limit the scan goes on for the funnel and the pairs, the
-    candidates uncounted: the stage's counts stay those of a read that stopped there.
+    With preference data, every usable row, kept or removed by a filter, reaches the pair
+    builder and the KTO part through ``ValidRows.add`` (``valid_rows`` below). Past --limit
+    the scan goes on for the funnel and the preference data, the candidates uncounted: the
+    stage's counts stay those of a read that stopped there.
     """
     fmt = FORMATS[request.format]
     read = _Read(_Funnel(judgement.labels))
@@ -226,7 +229,8 @@ def _write_candidates(
     limit = request.filters.limit
     progress = _progress(request.progress)
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
-    valid_rows: list[ValidRows] = [pairs] if pairs is not None else []
+    kto = UndesirableRows(fmt, request.system_prompt, request.filters, excluded) if request.pairs else None
+    valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
     first_needed = judgement.first_valid if valid_rows else judgement.candidate
     query = rows_query(judgement, source.id_is_integer)
     with stream(source.url, query, request.adbc) as batches:
@@ -268,10 +272,20 @@ def _write_candidates(
                 continue
             _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
+    _write_preferences(writer, read, pairs, kto, request.eval_fraction)
+    return read
+
+
+def _write_preferences(
+    writer: DatasetWriter, read: _Read, pairs: PairBuilder | None, kto: UndesirableRows | None, eval_fraction: float
+) -> None:
+    """The pairs and the KTO part, split by prompt like the examples."""
     if pairs is not None:
         table, keys = pairs.pairs()
-        read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
-    return read
+        read.pairs = writer.write_pairs(table, in_eval(keys, eval_fraction))
+    if kto is not None:
+        table, keys = kto.table(OUTPUT_SCHEMA)
+        read.kto = writer.write_part("kto", table, in_eval(keys, eval_fraction))
 
 
 #: The column that marks the database's candidates among the rows judged.
@@ -368,6 +382,7 @@ def _manifest(
         "invalid": invalid,
         "removed": removed,
         "pairs": dict(read.pairs),
+        "kto": dict(read.kto),
         "funnel": funnel_steps,
         "stats": stats.as_dict(),
         "source_stats": source_stats,

@@ -161,7 +161,7 @@ class DatasetWriter:
             self.abort()
             raise InputError(f"output directory not writable: {self.datasets} ({exc.strerror})") from None
         self.rows = {"train": 0, "eval": 0}
-        #: Other files of the dataset (preference pairs): name -> rows.
+        #: Other files of the dataset (preference pairs, the KTO part): name -> rows.
         self.extra: dict[str, int] = {}
         self._with_eval = with_eval
         # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
@@ -201,13 +201,17 @@ class DatasetWriter:
 
     def write_pairs(self, pairs: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
         """``pairs-train.parquet`` (and ``pairs-eval.parquet`` with an eval split) into the unpublished directory."""
-        parts = {"train": pairs.filter(pa.array(~in_eval)), "eval": pairs.filter(pa.array(in_eval))}
+        return self.write_part("pairs", pairs, in_eval)
+
+    def write_part(self, stem: str, table: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
+        """``STEM-train.parquet`` (and ``STEM-eval.parquet`` with an eval split): rows per split."""
+        parts = {"train": table.filter(pa.array(~in_eval)), "eval": table.filter(pa.array(in_eval))}
         counts = {}
         for split, part in parts.items():
             counts[split] = len(part)
             if split == "eval" and not self._with_eval:
                 continue
-            name = f"pairs-{split}.parquet"
+            name = f"{stem}-{split}.parquet"
             pq.write_table(part, self.tmp / name, **parquet_options(part.schema))
             self.extra[name] = len(part)
         return counts

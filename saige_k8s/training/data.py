@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class LoadedDataset:
     system: str
     train: list[tuple[str, str]]  # (user turn, response)
     eval: list[tuple[str, str]]
+    #: The train examples' weighted scores, in their order (None where unknown).
+    train_scores: list[float | None] = field(default_factory=list)
 
 
 def load_dataset_dir(path: Path) -> LoadedDataset:
@@ -59,20 +61,49 @@ def load_dataset_dir(path: Path) -> LoadedDataset:
     fmt = manifest.get("format")
     if fmt not in FORMATS:
         raise InputError(f"dataset {path} has unknown format {fmt!r}")
-    splits: dict[str, list[tuple[str, str]]] = {}
-    for split in ("train", "eval"):
-        file = path / f"{split}.parquet"
-        if not file.exists():
-            splits[split] = []
-            continue
-        try:
-            table = pq.read_table(file, columns=["messages"])
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise InputError(f"corrupt dataset file {file}: {exc}") from None
-        splits[split] = [_turns(messages) for messages in table.column("messages").to_pylist()]
+    splits = {split: _read_part(path / f"{split}.parquet", ["messages", SCORE]) for split in ("train", "eval")}
     if not splits["train"]:
         raise InputError(f"dataset {path} has no training examples")
-    return LoadedDataset(path, manifest, fmt, manifest.get("system_prompt", ""), splits["train"], splits["eval"])
+    turns = {split: [_turns(row["messages"]) for row in rows] for split, rows in splits.items()}
+    scores = [row[SCORE] for row in splits["train"]]
+    return LoadedDataset(path, manifest, fmt, manifest.get("system_prompt", ""), turns["train"], turns["eval"], scores)
+
+
+SCORE = "buddhist_weighted_score"
+
+
+def _read_part(file: Path, columns: list[str]) -> list[dict[str, Any]]:
+    """The rows of one of the dataset's Parquet files (none when it is absent: no such split)."""
+    if not file.exists():
+        return []
+    try:
+        return pq.read_table(file, columns=columns).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise InputError(f"corrupt dataset file {file}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PairText:
+    system: str
+    turn: str
+    chosen: str
+    rejected: str
+
+
+def load_pairs(data: LoadedDataset, split: str) -> list[PairText]:
+    """The extraction's preference pairs of ``split`` (best kept answer against worst removed one)."""
+    rows = _read_part(data.path / f"pairs-{split}.parquet", ["prompt", "chosen", "rejected"])
+    pairs = []
+    for row in rows:
+        prompt = {m["role"]: m["content"] for m in row["prompt"]}
+        system = prompt.get("system", data.system)
+        pairs.append(PairText(system, prompt["user"], row["chosen"][0]["content"], row["rejected"][0]["content"]))
+    return pairs
+
+
+def load_undesirable(data: LoadedDataset, split: str) -> list[tuple[str, str]]:
+    """The KTO part of ``split``: answers a filter removed as poor, harmful or too harmful."""
+    return [_turns(row["messages"]) for row in _read_part(data.path / f"kto-{split}.parquet", ["messages"])]
 
 
 CSV_EVAL_FRACTION = 0.05
@@ -105,7 +136,9 @@ def load_csv(path: Path) -> LoadedDataset:
     held_out = eval_mask(table.column("id").cast("string"), CSV_EVAL_FRACTION)
     train = [row for row, out in zip(rows, held_out, strict=True) if not out]
     evaluation = [row for row, out in zip(rows, held_out, strict=True) if out]
-    return LoadedDataset(path, {"dataset_id": path.stem, "format": fmt}, fmt, system, train, evaluation)
+    all_scores = table.column(SCORE).to_pylist() if SCORE in table.column_names else [None] * len(rows)
+    scores = [score for score, out in zip(all_scores, held_out, strict=True) if not out]
+    return LoadedDataset(path, {"dataset_id": path.stem, "format": fmt}, fmt, system, train, evaluation, scores)
 
 
 def split_text(text: str, fmt_name: str) -> tuple[str, str, str]:

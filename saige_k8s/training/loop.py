@@ -40,6 +40,7 @@ from saige_k8s.training.data import (
     tokenize_all,
 )
 from saige_k8s.training.model import compute_dtype, load_model, load_tokenizer
+from saige_k8s.training.objectives import Figures, add_figures, means, objective_for, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,13 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     set_seed(spec.seed)
     data = load_dataset_dir(options.dataset)
     tokenizer = load_tokenizer(spec)
-    train_examples = tokenize_all(tokenizer, data, "train", spec.max_seq_len)
+    objective = objective_for(spec, tokenizer, data, accelerator)  # sft, dpo or kto: what a step minimises
     eval_examples = tokenize_all(tokenizer, data, "eval", spec.max_seq_len, limit=spec.max_eval_examples)
     model = load_model(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = model.get_nb_trainable_parameters()[1]  # peft counts 4-bit packed weights unpacked
-    lengths = [len(e) for e in train_examples]
-    batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
+    lengths = objective.lengths
+    batches_per_epoch = math.ceil(len(objective) / spec.batch_size)
     per_process = batches_per_epoch // accelerator.num_processes or 1
     steps_per_epoch = max(1, per_process // spec.gradient_accumulation)
     total_steps = max(1, math.ceil(steps_per_epoch * spec.epochs))
@@ -156,9 +157,10 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     model.train()
     waste = []
     mine: list[list[int]] = []
-    run_started = time.perf_counter()
+    run_started, cpu_started = time.perf_counter(), time.process_time()
     tokens_at_start = state.tokens
     window_loss, window_batches = 0.0, 0
+    window_figures: Figures = {}
     progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
     multiple = CUDA_PAD_MULTIPLE if accelerator.device.type == "cuda" else 1
     lifecycle.poll_stop(True)  # a signal from here on is answered at the next step, with a checkpoint
@@ -168,11 +170,9 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         mine = batches[accelerator.process_index : usable : accelerator.num_processes]
         waste.append(padding_waste(lengths, batches, multiple))
         for index in range(state.batch_in_epoch, len(mine)):
-            batch = _to_tensors(
-                collate([train_examples[i] for i in mine[index]], tokenizer.pad_token_id, multiple), accelerator.device
-            )
+            batch = objective.batch(mine[index], accelerator.device, multiple)
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss, figures = objective.loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and spec.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
@@ -183,14 +183,23 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
             state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             window_loss += float(loss.detach())
             window_batches += 1
+            add_figures(window_figures, figures)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             progress.update(1)
             if state.step % spec.logging_steps == 0 or state.step == total_steps:
                 rate = (state.tokens - tokens_at_start) / (time.perf_counter() - run_started)
-                _log_step(accelerator, state, window_loss / max(window_batches, 1), scheduler, rate, progress)
-                window_loss, window_batches = 0.0, 0
+                _log_step(
+                    accelerator,
+                    state,
+                    window_loss / max(window_batches, 1),
+                    scheduler,
+                    rate,
+                    progress,
+                    means(window_figures),
+                )
+                window_loss, window_batches, window_figures = 0.0, 0, {}
             if _should_stop(accelerator):
                 _checkpoint(accelerator, options, state, owner)
                 raise Interrupted(f"{lifecycle.reason()} at step {state.step}; checkpoint saved, rerun to resume")
@@ -206,8 +215,10 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     epochs_done = state.epoch + state.batch_in_epoch / max(len(mine), 1)
     duration = time.perf_counter() - started
     train_seconds = time.perf_counter() - run_started  # the loop only: tokens/s is the training rate
+    train_cpu_seconds = time.process_time() - cpu_started  # this process's threads: beside wall time on a busy machine
     eval_after = _evaluate(accelerator, model, eval_examples, tokenizer.pad_token_id, spec.batch_size)
     _log_eval(accelerator, eval_after, state.step)
+    eval_objective = objective.evaluate(accelerator, model)
     metrics = {
         "dataset_id": data.manifest.get("dataset_id"),
         "dataset_path": str(data.path),
@@ -215,13 +226,16 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         "format": data.format,
         "system_prompt": data.system,
         "base_model": spec.model,
-        "train_examples": len(train_examples),
+        "method": spec.method,
+        "train_examples": len(objective),
         "eval_examples": len(eval_examples),
         "steps": state.step,
         "epochs": round(epochs_done, 4),
         "train_loss": state.log[-1]["loss"] if state.log else None,
         "eval_loss_before": state.eval_before,
         "eval_loss": eval_after,
+        # dpo/kto: their own loss and rewards on the eval split's pairs / examples.
+        "eval_preference": eval_objective or None,
         "tokens": state.tokens,
         "tokens_per_second": (state.tokens - tokens_at_start) / train_seconds if train_seconds else None,
         "padding_waste": sum(waste) / len(waste) if waste else 0.0,
@@ -231,6 +245,7 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
         "device": str(accelerator.device),
         "duration_seconds": duration,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "hyperparameters": spec.model_dump(),
         "log": state.log,
         "finished_at": time.time(),
@@ -247,8 +262,16 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     return metrics
 
 
-def _log_step(accelerator: Any, state: _State, loss: float, scheduler: Any, rate: float, progress: Any) -> None:
-    entry = {"step": state.step, "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": rate}
+def _log_step(
+    accelerator: Any, state: _State, loss: float, scheduler: Any, rate: float, progress: Any, figures: dict[str, float]
+) -> None:
+    entry = {
+        "step": state.step,
+        "loss": loss,
+        "learning_rate": scheduler.get_last_lr()[0],
+        "tokens_per_second": rate,
+        **figures,
+    }
     state.log.append(entry)
     accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=state.step)  # HF Trainer's tags
     if not accelerator.is_main_process:
@@ -259,17 +282,13 @@ def _log_step(accelerator: Any, state: _State, loss: float, scheduler: Any, rate
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
 
 
-def _to_tensors(batch: dict[str, list[list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
-
-
-@torch.no_grad()
 def _log_eval(accelerator: Any, loss: float | None, step: int) -> None:
     if loss is not None:
         accelerator.log({"eval/loss": loss}, step=step)
         log.info("eval loss %.4f at step %d", loss, step)
 
 
+@torch.no_grad()
 def _evaluate(accelerator: Any, model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float | None:
     """Mean token loss over the eval split (every process takes a share; sums are reduced)."""
     if not examples:
@@ -290,7 +309,7 @@ def masked_loss_sums(
     """[sum of token losses, number of label tokens] over ``examples``: labels only, as trained."""
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for start in range(0, len(examples), batch_size):
-        batch = _to_tensors(collate(examples[start : start + batch_size], pad_id), device)
+        batch = to_tensors(collate(examples[start : start + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shifted = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(

@@ -7,7 +7,10 @@ batch), (c) TRL with packing (best-fit decreasing, padding-free). Each runs in i
 process. Reported per trainer: real tokens per second (the dataset's tokens / training
 wall time, so packing and padding are compared on the same work), padding waste (padding
 share of the token grid the model computed on), and the final eval loss, computed the same
-way for all three (saige-k8s's masked eval loss on the dataset's eval split).
+way for all three (saige-k8s's masked eval loss on the dataset's eval split), the training's
+CPU-seconds beside its wall time, and the process's peak RSS. The trainers run interleaved
+(a b c a b c …) for ``--rounds`` rounds and the medians are reported: on a shared machine the
+load then weighs on all three alike.
 
 Run (from the repository root)::
 
@@ -21,16 +24,17 @@ pretrained model, ~200 tokens/s on a 2-core CPU) measures them on real work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tests.benchmarks.interleave import interleaved, median, report, timed  # noqa: E402
+
+KINDS = ("saige", "trl-default", "trl-packing")
 
 
 def prepare(work: Path, rows: int, fmt: str, eval_fraction: float = 0.1, response_median_bytes: int = 200) -> Path:
@@ -91,10 +95,10 @@ def _spec(args: argparse.Namespace, model: str):
 def run_saige(args: argparse.Namespace, model: str, dataset: Path, out: Path) -> dict:
     from saige_k8s.training.loop import TrainOptions, train
 
-    started = time.perf_counter()
     metrics = train(TrainOptions(dataset=dataset, run_dir=out, spec=_spec(args, model)))
     return {
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": metrics["train_seconds"],  # the loop only, as TRL's train()
+        "train_cpu_seconds": metrics["train_cpu_seconds"],
         "padding_waste": metrics["padding_waste"],
         "adapter": str(out / "adapter"),
     }
@@ -155,12 +159,12 @@ def run_trl(args: argparse.Namespace, model: str, dataset: Path, out: Path, pack
             r=16, lora_alpha=32, lora_dropout=0.05, target_modules=spec.target_modules, task_type="CAUSAL_LM"
         ),
     )
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    result: dict = {}
+    with timed(result):
+        trainer.train()
     trainer.model.save_pretrained(out / "adapter")
     waste = 1 - grid["real"] / grid["total"] if grid["total"] else 0.0
-    return {"train_seconds": seconds, "padding_waste": waste, "adapter": str(out / "adapter")}
+    return {**result, "padding_waste": waste, "adapter": str(out / "adapter")}
 
 
 def eval_loss(args: argparse.Namespace, model: str, dataset: Path, adapter: str) -> tuple[float, int]:
@@ -191,7 +195,7 @@ def child(argv: list[str]) -> None:
     else:
         result = run_trl(args, model, dataset, out, packing=(kind == "trl-packing"))
     loss, tokens = eval_loss(args, model, dataset, result["adapter"])
-    print(json.dumps({**result, "eval_loss": loss, "tokens": tokens}))
+    report({**result, "eval_loss": loss, "tokens": tokens})
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -203,6 +207,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds of the three trainers.")
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -210,7 +215,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("saige", "trl-default", "trl-packing"):
+    if len(sys.argv) > 1 and sys.argv[1] in KINDS:
         child(sys.argv[1:])
         return
     args = parse(sys.argv[1:])
@@ -225,36 +230,29 @@ def main() -> None:
         f"batch {args.batch_size} x accumulation {args.accumulation}, max_seq_len {args.max_seq_len}, 1 epoch",
         flush=True,
     )
-    results = {}
-    for kind in ("saige", "trl-default", "trl-packing"):
-        cmd = [
-            sys.executable,
-            __file__,
-            kind,
-            *sys.argv[1:],
-            "--dataset",
-            str(dataset),
-            "--out",
-            str(work / kind),
-            "--model-path",
-            model,
-        ]
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
-        if done.returncode != 0:
-            sys.exit(f"{kind} failed:\n{done.stderr[-4000:]}")
-        results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  {kind}: {results[kind]}", file=sys.stderr, flush=True)
-    print("\n| trainer | tokens/s | padding waste | eval loss | train s |\n|---|---:|---:|---:|---:|")
-    for kind, r in results.items():
-        rate = r["tokens"] / r["train_seconds"]
-        print(f"| {kind} | {rate:,.0f} | {r['padding_waste']:.1%} | {r['eval_loss']:.4f} | {r['train_seconds']:.1f} |")
-    ours = results["saige"]["tokens"] / results["saige"]["train_seconds"]
+
+    def command(kind: str, i: int) -> list[str]:
+        extra = ["--dataset", str(dataset), "--out", str(work / f"{kind}-{i}"), "--model-path", model]
+        return [sys.executable, __file__, kind, *sys.argv[1:], *extra]
+
+    results = interleaved(KINDS, command, args.rounds)
+    print(
+        "\n| trainer | tokens/s | padding waste | eval loss | train wall s | train CPU s | peak RSS MiB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
+    )
+    rates, per_cpu = {}, {}
+    for kind, runs in results.items():
+        rates[kind] = median([{"r": r["tokens"] / r["train_seconds"]} for r in runs], "r")
+        per_cpu[kind] = median([{"r": r["tokens"] / r["train_cpu_seconds"]} for r in runs], "r")
+        waste, loss, wall = (median(runs, k) for k in ("padding_waste", "eval_loss", "train_seconds"))
+        cpu, rss = median(runs, "train_cpu_seconds"), median(runs, "peak_rss_mib")
+        print(f"| {kind} | {rates[kind]:,.0f} | {waste:.1%} | {loss:.4f} | {wall:.1f} | {cpu:.1f} | {rss:,.0f} |")
     for kind in ("trl-default", "trl-packing"):
-        theirs = results[kind]["tokens"] / results[kind]["train_seconds"]
-        delta = results["saige"]["eval_loss"] / results[kind]["eval_loss"] - 1
-        print(f"- saige vs {kind}: {ours / theirs:.2f}x tokens/s, eval loss {delta:+.1%}")
+        delta = median(results["saige"], "eval_loss") / median(results[kind], "eval_loss") - 1
+        print(
+            f"- saige vs {kind}: {rates['saige'] / rates[kind]:.2f}x tokens/s "
+            f"({per_cpu['saige'] / per_cpu[kind]:.2f}x per CPU-second), eval loss {delta:+.1%}"
+        )
 
 
 if __name__ == "__main__":

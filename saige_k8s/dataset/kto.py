@@ -1,0 +1,61 @@
+"""The KTO part of a dataset: the answers a model should learn *not* to give.
+
+KTO needs no pairs: each example is labelled desirable or undesirable. The kept examples
+(``train.parquet``) are the desirable ones, so they are not written twice; this part holds
+the undesirable ones, rows a filter removed whose alignment is poor or harmful or whose harm
+is at or above the harm threshold (``max_harm``). A row removed for a milder reason (a
+moderate answer, a weighted score just under the minimum) is neither, and is left out.
+
+``kto-train.parquet`` / ``kto-eval.parquet`` have the examples' columns and fall on the same
+side of the split as every other answer to their prompt. Suite prompts and exact duplicates
+are dropped as for the examples. The rows are few next to the table (removed *and* bad), and
+are held until the end of the read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from saige_k8s.dataset.curate import SeenSet, as_examples
+from saige_k8s.dataset.formats import ChatFormat
+from saige_k8s.experiences.filters import Filters
+
+KTO_FILES = {"train": "kto-train.parquet", "eval": "kto-eval.parquet"}
+#: Alignment labels that make a removed row undesirable, whatever its harm.
+UNDESIRABLE_ALIGNMENT = ("poor", "harmful")
+
+
+def undesirable(batch: pa.RecordBatch, filters: Filters) -> np.ndarray:
+    """Rows whose alignment is poor or harmful, or whose harm reaches the threshold."""
+    bad = pc.is_in(batch.column("buddhist_alignment"), value_set=pa.array(UNDESIRABLE_ALIGNMENT))
+    harmful = pc.greater_equal(batch.column("actual_harm").cast(pa.float64()), filters.max_harm)
+    return np.asarray(pc.fill_null(pc.or_(bad, harmful), False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class UndesirableRows:
+    """Collects the removed rows that are undesirable, rendered as examples."""
+
+    def __init__(self, fmt: ChatFormat, system: str, filters: Filters, excluded: pa.Array) -> None:
+        self.fmt, self.system, self.filters, self.excluded = fmt, system, filters, excluded
+        self._seen = SeenSet()
+        self._batches: list[pa.RecordBatch] = []
+        self._keys: list[np.ndarray] = []
+
+    def add(self, scored: pa.RecordBatch, passes: np.ndarray) -> None:
+        """Valid, scored rows (``score_rows``) and whether each passed every filter, as for the pairs."""
+        pick = ~passes & undesirable(scored, self.filters)
+        if not pick.any():
+            return
+        examples, keys, _, _ = as_examples(
+            scored.filter(pa.array(pick)), self.fmt, self.system, self._seen, self.excluded
+        )
+        if len(examples):
+            self._batches.append(examples)
+            self._keys.append(keys)
+
+    def table(self, schema: pa.Schema) -> tuple[pa.Table, np.ndarray]:
+        """(the undesirable examples, their prompts' hashes: the split's key)."""
+        keys = np.concatenate(self._keys) if self._keys else np.zeros(0, dtype=np.uint64)
+        return pa.Table.from_batches(self._batches, schema=schema), keys
