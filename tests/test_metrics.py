@@ -396,7 +396,7 @@ def test_failed_local_run_pushes_its_result_and_still_fails(tmp_path: Path, prom
     assert time.time() - 120 < pipeline["saige_pipeline_last_run_timestamp_seconds"] <= time.time()
     assert _gateway_values(gateway, "saige-extract")["saige_dataset_min_examples"] == 100_000  # the step pushed too
     text = (tmp_path / "data" / "metrics" / "pipeline-pipe.prom").read_text()
-    assert "saige_pipeline_last_run_success 0.0" in text
+    assert 'saige_pipeline_last_run_success{pipeline="pipe"} 0.0' in text
 
 
 def test_the_kubernetes_controller_pushes_its_runs_outcome(kube, prometheus_stack: tuple[str, str]) -> None:
