@@ -61,23 +61,27 @@ def load_dataset_dir(path: Path) -> LoadedDataset:
     fmt = manifest.get("format")
     if fmt not in FORMATS:
         raise InputError(f"dataset {path} has unknown format {fmt!r}")
-    splits = {split: _read_part(path / f"{split}.parquet", ["messages", SCORE]) for split in ("train", "eval")}
+    splits = {split: _read_part(path / f"{split}.parquet", ["messages"], [SCORE]) for split in ("train", "eval")}
     if not splits["train"]:
         raise InputError(f"dataset {path} has no training examples")
     turns = {split: [_turns(row["messages"]) for row in rows] for split, rows in splits.items()}
-    scores = [row[SCORE] for row in splits["train"]]
+    scores = [row.get(SCORE) for row in splits["train"]]
     return LoadedDataset(path, manifest, fmt, manifest.get("system_prompt", ""), turns["train"], turns["eval"], scores)
 
 
 SCORE = "buddhist_weighted_score"
 
 
-def _read_part(file: Path, columns: list[str]) -> list[dict[str, Any]]:
-    """The rows of one of the dataset's Parquet files (none when it is absent: no such split)."""
+def _read_part(file: Path, columns: list[str], optional: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of one of the dataset's Parquet files (none when it is absent: no such split).
+
+    ``optional`` columns are read where the file has them (a hand-made dataset may carry only
+    ``messages``; weighting by score then has nothing to weight by)."""
     if not file.exists():
         return []
     try:
-        return pq.read_table(file, columns=columns).to_pylist()
+        present = set(pq.read_schema(file).names)
+        return pq.read_table(file, columns=[*columns, *(c for c in optional if c in present)]).to_pylist()
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise InputError(f"corrupt dataset file {file}: {exc}") from None
 
