@@ -257,8 +257,8 @@ def test_a_run_killed_with_sigkill_resumes_exactly(root: Path, tmp_path: Path, m
         assert key in got["log"][-1] and key in got["eval_preference"]
     assert 0 <= got["eval_preference"]["rewards/accuracy"] <= 1
     prom = (run / "metrics.prom").read_text()
-    assert 'saige_train_rewards{kind="margins",split="eval"}' in prom
-    assert 'saige_train_reward_accuracy{split="train"}' in prom
+    assert 'saige_train_rewards{kind="margins",pipeline="saige",split="eval"}' in prom
+    assert 'saige_train_reward_accuracy{pipeline="saige",split="train"}' in prom
     assert f'method="{method}"' in next(line for line in prom.splitlines() if line.startswith("saige_train_info{"))
     tags = _tensorboard_tags(run)
     assert all(any(t.endswith(key) for t in tags) for key in ("rewards/chosen", "rewards/margins", "rewards/accuracy"))
