@@ -161,6 +161,8 @@ def response_sums(model: Any, rows: Sequence[Row], pad_id: int, batch_size: int)
         ids = torch.tensor([r.input_ids + [pad_id] * (width - len(r.input_ids)) for r in chosen], device=device)
         positions = torch.tensor([r.position_ids + [0] * (width - len(r.position_ids)) for r in chosen], device=device)
         kept = sorted({position for row in chosen for _, position, _ in row.targets})
+        if not kept:  # every response cut away by max_seq_len: nothing to score (zero tokens)
+            continue
         column = {position: c for c, position in enumerate(kept)}
         logits = model(
             input_ids=ids,
