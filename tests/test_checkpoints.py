@@ -19,25 +19,14 @@ try:
 except ImportError:
     need_tool("torch is not installed (pip install -e '.[train]')")
 
-from saige_k8s.dataset.extract import ExtractRequest, extract
-from saige_k8s.experiences.demo import DemoOptions, create_database
-from saige_k8s.training.data import load_dataset_dir
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import mistral_workspace
 
 STEP4, STEP8 = "step-00000004", "step-00000008"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("checkpoints")
-    create_database(str(root / "saige.db"), DemoOptions(rows=1500, seed=11, response_median_bytes=100))
-    result = extract(
-        ExtractRequest(
-            db=str(root / "saige.db"), data_root=root / "data", format="mistral", eval_fraction=0.1, dataset_id="m"
-        )
-    )
-    build_tiny_model(root / "model", [str(row) for row in load_dataset_dir(result.path).train[:300]])
-    return root
+    return mistral_workspace(tmp_path_factory.mktemp("checkpoints"))
 
 
 def _train(root: Path, run: Path, *extra: str):

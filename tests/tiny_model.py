@@ -67,3 +67,20 @@ def build_tiny_model(
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
     return target
+
+
+def mistral_workspace(root: Path) -> Path:
+    """A demo database, its mistral extraction (dataset ``m``, 10 % eval) and a tiny model trained
+    on its examples, under ``root``: what the checkpoint and preference tests train from."""
+    from saige_k8s.dataset.extract import ExtractRequest, extract
+    from saige_k8s.experiences.demo import DemoOptions, create_database
+    from saige_k8s.training.data import load_dataset_dir
+
+    create_database(str(root / "saige.db"), DemoOptions(rows=1500, seed=11, response_median_bytes=100))
+    result = extract(
+        ExtractRequest(
+            db=str(root / "saige.db"), data_root=root / "data", format="mistral", eval_fraction=0.1, dataset_id="m"
+        )
+    )
+    build_tiny_model(root / "model", [str(row) for row in load_dataset_dir(result.path).train[:300]])
+    return root
