@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render, user_turn
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS, HARM_COMPONENTS, PRINCIPLES, alignments_at_least
-from tests.conftest import run_cli
+from tests.conftest import DEMO_ROWS, run_cli
 
 
 def _blank(value: str | None) -> bool:
@@ -239,3 +240,64 @@ def accounted_rows(manifest: dict) -> int:
     counts = manifest["counts"]
     removed = sum(manifest["invalid"].values()) + sum(manifest["removed"].values())
     return counts["kept"] + removed + counts["duplicates"] + counts["beyond_limit"]
+
+
+def test_the_progress_total_is_the_databases_own_row_estimate(demo_db: str) -> None:
+    from saige_k8s.experiences.source import open_source, resolve_url
+
+    url = resolve_url(demo_db)
+    if url.get_backend_name() == "postgresql":
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("ANALYZE experiences"))  # reltuples is what the last ANALYZE counted
+        engine.dispose()
+    assert open_source(url, "experiences", {}).estimated_rows == DEMO_ROWS
+
+
+def test_a_table_without_rowids_has_no_progress_total(tmp_path: Path) -> None:
+    from saige_k8s.experiences.source import estimate_rows
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'tables.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE no_rowid (id INTEGER PRIMARY KEY, user_message TEXT) WITHOUT ROWID"))
+        conn.execute(sa.text("CREATE TABLE sparse (id INTEGER PRIMARY KEY, user_message TEXT)"))
+        conn.execute(sa.text("INSERT INTO sparse VALUES (5, 'a'), (9, 'b')"))
+        conn.execute(sa.text("CREATE TABLE empty (id INTEGER PRIMARY KEY)"))
+    with engine.connect() as conn:
+        tables = {name: sa.Table(name, sa.MetaData(), autoload_with=conn) for name in ("no_rowid", "sparse", "empty")}
+        assert estimate_rows(conn, tables["no_rowid"]) is None
+    with engine.connect() as conn:
+        assert estimate_rows(conn, tables["sparse"]) == 5  # the rowids' span: an estimate, never a scan
+        assert estimate_rows(conn, tables["empty"]) is None
+    engine.dispose()
+
+
+def test_extract_on_a_terminal_shows_scanned_rows_against_a_total(demo_sqlite: str, tmp_path: Path) -> None:
+    """A pseudo-terminal with a width, as a user's shell: the bar counts scanned rows of the table's estimate."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    command = [sys.executable, "-m", "saige_k8s", "extract", "--db", demo_sqlite, "--data-root", tmp_path / "out"]
+    env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end closed: the command has exited
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert process.wait(timeout=120) == 0
+    text = drawn.decode("utf-8", "replace")
+    assert re.search(r"rows: +\d+%\|.*\| [\d.]+k?/4\.00k \[", text), text[-2000:]  # a percentage of the total
+    assert "4.00k/4.00k" in text  # every scanned row is counted, not only the candidates (fewer)

@@ -12,7 +12,6 @@ import datetime as dt
 import gc
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -227,7 +226,9 @@ def _write_candidates(
     read = _Read(_Funnel(judgement.labels))
     seen = SeenSet()
     limit = request.filters.limit
-    progress = _progress(request.progress)
+    progress = console.progress(
+        "rows", " rows", source.estimated_rows, enabled=request.progress, log=log, unit_scale=True, leave=False
+    )
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
     kto = UndesirableRows(fmt, request.system_prompt, request.filters, excluded) if request.pairs else None
     valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
@@ -299,22 +300,6 @@ def _flag(batch: pa.RecordBatch) -> np.ndarray:
 def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
     writer.write(examples, held_out)
     stats.add(examples)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool):
-    if not (enabled and console.interactive()):
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(desc="rows", unit=" rows", unit_scale=True, file=sys.stderr, leave=False)
 
 
 def _manifest(

@@ -137,6 +137,8 @@ class SourceTable:
     url: URL
     table: sa.Table
     mapping: dict[str, str | None]
+    #: About how many rows the table holds, from the database's own bookkeeping (no scan), if it knows.
+    estimated_rows: int | None = None
 
     @property
     def dialect(self) -> str:
@@ -175,6 +177,7 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
                     "set source.table in the spec or pass --table"
                 )
             reflected = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=conn)
+            estimated = estimate_rows(conn, reflected)
     except sa.exc.OperationalError as exc:
         raise _failure("cannot connect to", url, exc) from None
     except sa.exc.SQLAlchemyError as exc:
@@ -194,7 +197,31 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
             )
         else:
             mapping[logical] = None
-    return SourceTable(url, reflected, mapping)
+    return SourceTable(url, reflected, mapping, estimated)
+
+
+def estimate_rows(conn: sa.Connection, table: sa.Table) -> int | None:
+    """A progress bar's total, never a count: counting would read the whole table once more.
+
+    SQLite: the span of rowids (an index lookup at each end; deleted rows make it larger).
+    PostgreSQL: the planner's ``reltuples``, as of the last VACUUM or ANALYZE (-1: never).
+    Anything else, or a table without rowids, or a view: unknown.
+    """
+    dialect = conn.dialect.name
+    name = conn.dialect.identifier_preparer.format_table(table)
+    try:
+        if dialect == "sqlite":
+            # One aggregate per statement: SQLite answers a lone min() or max() from the b-tree's end.
+            low, high = (conn.execute(sa.text(f"SELECT {end}(rowid) FROM {name}")).scalar() for end in ("min", "max"))
+            return None if low is None or high is None else int(high) - int(low) + 1
+        if dialect == "postgresql":
+            estimate = conn.execute(
+                sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:name)"), {"name": name}
+            ).scalar()
+            return int(estimate) if estimate is not None and estimate >= 0 else None
+    except sa.exc.SQLAlchemyError:  # the last statement on this connection: nothing else is lost
+        return None
+    return None
 
 
 ADBC_BACKENDS = ("sqlite", "postgresql")

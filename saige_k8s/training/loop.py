@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,7 +160,10 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
     tokens_at_start = state.tokens
     window_loss, window_batches = 0.0, 0
     window_figures: Figures = {}
-    progress = _progress(options.progress and accelerator.is_main_process, total_steps, state.step)
+    # Off a terminal the loop's own log lines (every logging_steps) are the progress.
+    progress = console.progress(
+        "training", "step", total_steps, enabled=options.progress and accelerator.is_main_process, initial=state.step
+    )
     multiple = CUDA_PAD_MULTIPLE if accelerator.device.type == "cuda" else 1
     lifecycle.poll_stop(True)  # a signal from here on is answered at the next step, with a checkpoint
     while state.step < total_steps:
@@ -263,7 +265,13 @@ def _train(options: TrainOptions) -> dict[str, Any]:  # noqa: PLR0912, PLR0915 -
 
 
 def _log_step(
-    accelerator: Any, state: _State, loss: float, scheduler: Any, rate: float, progress: Any, figures: dict[str, float]
+    accelerator: Any,
+    state: _State,
+    loss: float,
+    scheduler: Any,
+    rate: float,
+    progress: console.Progress,
+    figures: dict[str, float],
 ) -> None:
     entry = {
         "step": state.step,
@@ -276,10 +284,10 @@ def _log_step(
     accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=state.step)  # HF Trainer's tags
     if not accelerator.is_main_process:
         return
-    if isinstance(progress, _PlainProgress):
-        log.info("step %d loss %.4f lr %.2e %.0f tokens/s", state.step, loss, entry["learning_rate"], rate)
-    else:
+    if progress.on_screen:
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+    else:
+        log.info("step %d loss %.4f lr %.2e %.0f tokens/s", state.step, loss, entry["learning_rate"], rate)
 
 
 def _log_eval(accelerator: Any, loss: float | None, step: int) -> None:
@@ -451,24 +459,3 @@ def _check_loaded(model: Any, checkpoint: Path) -> None:
             parameter.detach().cpu(), saved[_plain(key)].to(parameter.dtype)
         ):
             raise RuntimeFailure(f"resuming from {checkpoint}: {_plain(key)} did not load")
-
-
-class _PlainProgress:
-    """Pod logs: no bar, just the periodic log lines."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **values: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(interactive: bool, total: int, done: int) -> Any:
-    if not (interactive and console.interactive()):
-        return _PlainProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc="training", unit="step", file=sys.stderr)
