@@ -10,7 +10,11 @@ each measurement in its own subprocess so that its peak RSS is its own:
     server-side cursor), the filter in SQL, then a per-row Python loop (``json.loads`` of the
     scores and the context, an f-string for the TinyLlama chat text, ``csv.writer``);
 (c) the limit: ADBC, ``SELECT * ... WHERE <same filter>``, ``fetch_record_batch()`` streamed
-    straight into a zstd ``ParquetWriter``; nothing else is done to the rows.
+    straight into a zstd ``ParquetWriter``; nothing else is done to the rows;
+(d) the same read as (a): extract's own one statement (every row, with its verdict and the
+    columns the funnel, the pairs and the KTO part need), through extract's own reader,
+    straight into Parquet. (a) / (d) is what the Arrow stage costs; (d) / (c) is what reading
+    every row, not only the kept ones, costs: pairs and the KTO part need the removed rows.
 
 (a) writes preference pairs, as the command always does. The three run interleaved, round by
 round. For each: wall seconds (median of ``--repeats`` runs, measured around the subprocess),
@@ -82,6 +86,7 @@ PRINCIPLES = ("ahimsa", "sacca", "karuna", "panna", "upekkha")
 METHOD_A = "(a) saige-k8s extract"
 METHOD_B = "(b) naive baseline"
 METHOD_C = "(c) ADBC → Parquet limit"
+METHOD_D = "(d) (a)'s own read → Parquet"
 
 
 # --------------------------------------------------------------------------- subprocess workers
@@ -160,7 +165,29 @@ def pairs_worker(pairs: str, target: str, out: str) -> None:
     print(json.dumps({"rows_out": manifest["counts"]["kept"], "pairs": manifest["pairs"]}))
 
 
-WORKERS = {"_baseline": baseline_worker, "_adbc": adbc_worker, "_pairs": pairs_worker}
+def scan_worker(dialect: str, target: str, out: str) -> None:
+    """(d): extract's own statement and reader, nothing done to the rows but writing them."""
+    import pyarrow.parquet as pq
+
+    from saige_k8s.experiences.filters import Filters
+    from saige_k8s.experiences.query import rows_query
+    from saige_k8s.experiences.source import open_source, resolve_url, stream
+
+    url = resolve_url(target)
+    source = open_source(url, TABLE, {})
+    written = 0
+    with stream(url, rows_query(source.judge(Filters()), source.id_is_integer)) as batches:
+        writer = None
+        for batch in batches:
+            writer = writer or pq.ParquetWriter(out, batch.schema, compression="zstd")
+            writer.write_batch(batch)
+            written += batch.num_rows
+        if writer is not None:
+            writer.close()
+    print(json.dumps({"rows_out": written}))
+
+
+WORKERS = {"_baseline": baseline_worker, "_adbc": adbc_worker, "_scan": scan_worker, "_pairs": pairs_worker}
 
 
 def bench_pairs(db: str, rows: int, scratch: Path, repeats: int) -> str:
@@ -545,14 +572,17 @@ def report(
     out.append("")
     for database in dict.fromkeys(r.database for r in results):
         by = {r.method: r for r in results if r.database == database}
-        a, b, c = by[METHOD_A], by[METHOD_B], by[METHOD_C]
+        a, b, c, d = by[METHOD_A], by[METHOD_B], by[METHOD_C], by[METHOD_D]
         out.append(
             f"- {database}: (a) vs (b) = {b.wall_s / a.wall_s:.2f} (b's wall / a's wall; above 1, (a) is faster; "
             f"{a.wall_s:.2f} s vs {b.wall_s:.2f} s). (a) vs (c) = {a.wall_s / c.wall_s:.2f} (a's wall / c's wall: "
             f"(a) takes this many times the limit's time; {a.wall_s:.2f} s vs {c.wall_s:.2f} s). "
             f"In CPU seconds: b/a = {b.cpu_s / a.cpu_s:.2f}, a/c = {a.cpu_s / c.cpu_s:.2f} "
             f"({a.cpu_s:.2f}, {b.cpu_s:.2f}, {c.cpu_s:.2f} CPU-s). "
-            f"(a) in-process, from the manifest's duration_seconds (median): {statistics.median(a.inner_s):.2f} s."
+            f"(a) in-process, from the manifest's duration_seconds (median): {statistics.median(a.inner_s):.2f} s. "
+            f"(a)'s own read, (d): a/d = {a.wall_s / d.wall_s:.2f} wall, {a.cpu_s / d.cpu_s:.2f} CPU "
+            f"(the Arrow stage); d/c = {d.wall_s / c.wall_s:.2f} wall, {d.cpu_s / c.cpu_s:.2f} CPU "
+            "(reading every row, for the funnel, pairs and KTO part, against the kept rows only)."
         )
     if rss:
         out.append("")
@@ -580,13 +610,14 @@ def bench_database(
     """(a), (b) and (c), interleaved round by round, so that a change of load elsewhere hits all three alike."""
     label = f"{database}, busy core" if busy else database
     log(f"{label}: {rows} rows, {repeats} runs per method")
-    results = [Result(label, method, rows) for method in (METHOD_A, METHOD_B, METHOD_C)]
+    results = [Result(label, method, rows) for method in (METHOD_A, METHOD_B, METHOD_C, METHOD_D)]
     with busy_core(busy):
         for i in range(1, repeats + 1):
             rounds = [
                 bench_saige(label, extract_db, rows, scratch, 1, keep, i),
                 bench_worker("_baseline", METHOD_B, label, dialect, driver_target, rows, scratch, 1, keep, "csv", i),
                 bench_worker("_adbc", METHOD_C, label, dialect, adbc_target, rows, scratch, 1, keep, "parquet", i),
+                bench_worker("_scan", METHOD_D, label, dialect, extract_db, rows, scratch, 1, keep, "parquet", i),
             ]
             for total, one in zip(results, rounds, strict=True):
                 total.runs += one.runs
