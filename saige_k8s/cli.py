@@ -220,6 +220,12 @@ def _filter_options(func):  # noqa: ANN001 - a click decorator
 )
 @_renamed("--output", "--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--strict/--no-strict", default=None, help="Fail on the first unusable row instead of counting it.")
+@click.option(
+    "--kto/--no-kto",
+    default=None,
+    help="Also write the KTO part (kto-{train,eval}.parquet: the removed poor, harmful or too harmful answers) "
+    "that train --method kto reads [default: when the spec's train.method is kto].",
+)
 @_pushgateway_option("dataset-quality metrics", "metrics.prom is always written into the dataset directory")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line on stdout.")
 @click.option(
@@ -243,6 +249,7 @@ def extract(
     dataset_id: str | None,
     csv_path: Path | None,
     strict: bool | None,
+    kto: bool | None,
     pushgateway: str | None,
     as_json: bool,
     summary_file: Path | None,
@@ -276,6 +283,7 @@ def extract(
         dataset_id=dataset_id,
         csv_path=csv_path,
         strict=spec.extract.strict if strict is None else strict,
+        kto=spec.train.method == "kto" if kto is None else kto,
         progress=True,
         suite=[Path(p) for p in spec.evaluate.suite],
     )

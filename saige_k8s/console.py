@@ -71,6 +71,7 @@ class _Bar:
         self._bar.set_postfix(**values)
 
     def close(self) -> None:
+        self._bar.refresh()  # the final count, which the last update may have skipped (mininterval)
         self._bar.close()
 
 

@@ -283,10 +283,33 @@ def test_dpo_without_pairs_and_kto_without_undesirable_answers_are_refused(root:
     dpo = _train(root, bare, tmp_path / "r1", "--method", "dpo")
     assert dpo.exit_code == 2 and "no preference pairs (pairs-train.parquet)" in dpo.stderr, dpo.output
     kto = _train(root, bare, tmp_path / "r2", "--method", "kto")
-    assert kto.exit_code == 2 and "no undesirable examples (kto-train.parquet)" in kto.stderr, kto.output
-    for result in (dpo, kto):
+    assert kto.exit_code == 2 and "no KTO part (kto-train.parquet)" in kto.stderr, kto.output
+    assert "extract --kto" in kto.stderr
+    empty = pq.read_table(_dataset(root) / KTO_FILES["train"]).schema.empty_table()
+    pq.write_table(empty, bare / KTO_FILES["train"])  # a KTO part without a single undesirable answer
+    none = _train(root, bare, tmp_path / "r3", "--method", "kto")
+    assert none.exit_code == 2 and "no undesirable examples (kto-train.parquet)" in none.stderr, none.output
+    for result in (dpo, kto, none):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    assert not any((tmp_path / run).exists() for run in ("r1", "r2", "r3"))
+
+
+def test_the_kto_part_is_written_when_asked_for_or_when_the_spec_trains_with_kto(root: Path, tmp_path: Path) -> None:
+    db = root / "saige.db"
+    plain = run_cli("extract", "--db", db, "--data-root", tmp_path / "plain", "--dataset-id", "p", "--json")
+    assert plain.exit_code == 0, plain.output
+    manifest = json.loads((tmp_path / "plain" / "datasets" / "p" / "manifest.json").read_text())
+    assert manifest["kto"] is None and not any(name.startswith("kto-") for name in manifest["files"])
+    assert not list((tmp_path / "plain" / "datasets" / "p").glob("kto-*"))
+    spec = tmp_path / "kto.yaml"
+    spec.write_text("name: k\ntrain:\n  method: kto\n")
+    by_spec = run_cli("extract", "-f", spec, "--db", db, "--data-root", tmp_path / "spec", "--dataset-id", "s")
+    by_flag = run_cli("extract", "--kto", "--db", db, "--data-root", tmp_path / "flag", "--dataset-id", "f")
+    for result, where in ((by_spec, tmp_path / "spec/datasets/s"), (by_flag, tmp_path / "flag/datasets/f")):
+        assert result.exit_code == 0, result.output
+        counts = json.loads((where / "manifest.json").read_text())["kto"]
+        assert counts["train"] > 0
+        assert pq.read_table(where / KTO_FILES["train"]).num_rows == counts["train"]
 
 
 @pytest.mark.parametrize(

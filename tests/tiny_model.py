@@ -79,7 +79,12 @@ def mistral_workspace(root: Path) -> Path:
     create_database(str(root / "saige.db"), DemoOptions(rows=1500, seed=11, response_median_bytes=100))
     result = extract(
         ExtractRequest(
-            db=str(root / "saige.db"), data_root=root / "data", format="mistral", eval_fraction=0.1, dataset_id="m"
+            db=str(root / "saige.db"),
+            data_root=root / "data",
+            format="mistral",
+            eval_fraction=0.1,
+            dataset_id="m",
+            kto=True,
         )
     )
     build_tiny_model(root / "model", [str(row) for row in load_dataset_dir(result.path).train[:300]])

@@ -35,7 +35,7 @@ from saige_k8s.dataset.curate import (
     score_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
-from saige_k8s.dataset.kto import UndesirableRows
+from saige_k8s.dataset.kto import KTO_PART, UndesirableRows
 from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats, value_counts
 from saige_k8s.dataset.suite import load_suite
@@ -71,8 +71,11 @@ class ExtractRequest:
     adbc: bool = True
     #: Called with the manifest and the unpublished directory, to add files (metrics.prom).
     before_publish: Callable[[dict[str, Any], Path], object] | None = None
-    #: Preference data beside the examples: pairs (pairs-{train,eval}.parquet) and the KTO part (kto-*.parquet).
+    #: Preference pairs beside the examples (pairs-{train,eval}.parquet): what the evaluate step scores.
     pairs: bool = True
+    #: The KTO part (kto-{train,eval}.parquet): only ``train --method kto`` reads it, and on a
+    #: real log it is about as large as the examples themselves, so it is written when asked for.
+    kto: bool = False
     #: Scenario files added to the shipped evaluation suite: their prompts are never trained on either.
     suite: tuple[Path, ...] | list[Path] = ()
 
@@ -198,8 +201,8 @@ class _Read:
     streamed: int = 0
     #: Preference pairs written, by split.
     pairs: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
-    #: Undesirable examples of the KTO part written, by split.
-    kto: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    #: Undesirable examples of the KTO part written, by split (None: no KTO part asked for).
+    kto: dict[str, int] | None = None
     #: Candidates read, judged and unique, but past --limit.
     cut: int = 0
     reached_limit: bool = False
@@ -230,7 +233,7 @@ def _write_candidates(
         "rows", " rows", source.estimated_rows, enabled=request.progress, log=log, unit_scale=True, leave=False
     )
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
-    kto = UndesirableRows(fmt, request.system_prompt, request.filters, excluded) if request.pairs else None
+    kto = _undesirable_rows(request, writer, excluded) if request.kto else None
     valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
     first_needed = judgement.first_valid if valid_rows else judgement.candidate
     query = rows_query(judgement, source.id_is_integer)
@@ -273,20 +276,29 @@ def _write_candidates(
                 continue
             _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
-    _write_preferences(writer, read, pairs, kto, request.eval_fraction)
+    _finish_preferences(writer, read, pairs, kto is not None, request.eval_fraction)
     return read
 
 
-def _write_preferences(
-    writer: DatasetWriter, read: _Read, pairs: PairBuilder | None, kto: UndesirableRows | None, eval_fraction: float
+def _finish_preferences(
+    writer: DatasetWriter, read: _Read, pairs: PairBuilder | None, with_kto: bool, eval_fraction: float
 ) -> None:
-    """The pairs and the KTO part, split by prompt like the examples."""
+    """The pairs, a reduction over the whole table known only at its end; the KTO part's counts."""
     if pairs is not None:
         table, keys = pairs.pairs()
         read.pairs = writer.write_pairs(table, in_eval(keys, eval_fraction))
-    if kto is not None:
-        table, keys = kto.table(OUTPUT_SCHEMA)
-        read.kto = writer.write_part("kto", table, in_eval(keys, eval_fraction))
+    if with_kto:
+        read.kto = {split: writer.extra.get(f"{KTO_PART}-{split}.parquet", 0) for split in ("train", "eval")}
+
+
+def _undesirable_rows(request: ExtractRequest, writer: DatasetWriter, excluded: pa.Array) -> UndesirableRows:
+    """The KTO part, written as it comes, like the examples."""
+    writer.add_part(KTO_PART, OUTPUT_SCHEMA)
+
+    def write(examples: pa.RecordBatch, keys: np.ndarray) -> None:
+        writer.write(examples, in_eval(keys, request.eval_fraction), part=KTO_PART)
+
+    return UndesirableRows(FORMATS[request.format], request.system_prompt, request.filters, excluded, write)
 
 
 #: The column that marks the database's candidates among the rows judged.
@@ -367,7 +379,7 @@ def _manifest(
         "invalid": invalid,
         "removed": removed,
         "pairs": dict(read.pairs),
-        "kto": dict(read.kto),
+        "kto": read.kto,
         "funnel": funnel_steps,
         "stats": stats.as_dict(),
         "source_stats": source_stats,

@@ -8,11 +8,13 @@ moderate answer, a weighted score just under the minimum) is neither, and is lef
 
 ``kto-train.parquet`` / ``kto-eval.parquet`` have the examples' columns and fall on the same
 side of the split as every other answer to their prompt. Suite prompts and exact duplicates
-are dropped as for the examples. The rows are few next to the table (removed *and* bad), and
-are held until the end of the read.
+are dropped as for the examples. They are written as they come, like the examples: on a real
+log they can be a third of the table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,7 @@ from saige_k8s.dataset.curate import SeenSet, as_examples
 from saige_k8s.dataset.formats import ChatFormat
 from saige_k8s.experiences.filters import Filters
 
+KTO_PART = "kto"
 KTO_FILES = {"train": "kto-train.parquet", "eval": "kto-eval.parquet"}
 #: Alignment labels that make a removed row undesirable, whatever its harm.
 UNDESIRABLE_ALIGNMENT = ("poor", "harmful")
@@ -35,13 +38,20 @@ def undesirable(batch: pa.RecordBatch, filters: Filters) -> np.ndarray:
 
 
 class UndesirableRows:
-    """Collects the removed rows that are undesirable, rendered as examples."""
+    """Renders the removed rows that are undesirable as examples, and hands them to ``write``
+    with their prompts' hashes (the split's key)."""
 
-    def __init__(self, fmt: ChatFormat, system: str, filters: Filters, excluded: pa.Array) -> None:
+    def __init__(
+        self,
+        fmt: ChatFormat,
+        system: str,
+        filters: Filters,
+        excluded: pa.Array,
+        write: Callable[[pa.RecordBatch, np.ndarray], object],
+    ) -> None:
         self.fmt, self.system, self.filters, self.excluded = fmt, system, filters, excluded
+        self._write = write
         self._seen = SeenSet()
-        self._batches: list[pa.RecordBatch] = []
-        self._keys: list[np.ndarray] = []
 
     def add(self, scored: pa.RecordBatch, passes: np.ndarray) -> None:
         """Valid, scored rows (``score_rows``) and whether each passed every filter, as for the pairs."""
@@ -52,10 +62,4 @@ class UndesirableRows:
             scored.filter(pa.array(pick)), self.fmt, self.system, self._seen, self.excluded
         )
         if len(examples):
-            self._batches.append(examples)
-            self._keys.append(keys)
-
-    def table(self, schema: pa.Schema) -> tuple[pa.Table, np.ndarray]:
-        """(the undesirable examples, their prompts' hashes: the split's key)."""
-        keys = np.concatenate(self._keys) if self._keys else np.zeros(0, dtype=np.uint64)
-        return pa.Table.from_batches(self._batches, schema=schema), keys
+            self._write(examples, keys)

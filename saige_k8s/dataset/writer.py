@@ -136,7 +136,8 @@ class DatasetWriter:
         self._lock: int | None = None
         self._latest_lock: int | None = None
         self._csv_lock: int | None = None
-        self._writers: dict[str, pq.ParquetWriter] = {}
+        #: Open Parquet files, by file name: ``train.parquet``, ``eval.parquet`` and the parts' files.
+        self._files: dict[str, pq.ParquetWriter] = {}
         self._forced_exit = contextlib.ExitStack()
         self._forced_exit.enter_context(lifecycle.remove_on_forced_exit(self._remove_temporaries))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
@@ -163,13 +164,23 @@ class DatasetWriter:
         self.rows = {"train": 0, "eval": 0}
         #: Other files of the dataset (preference pairs, the KTO part): name -> rows.
         self.extra: dict[str, int] = {}
-        self._with_eval = with_eval
+        self._splits = ("train", "eval") if with_eval else ("train",)
         # Parquet encoding runs on its own thread (it releases the GIL) while the next batch is
         # prepared; at most _MAX_PENDING batches wait, so memory stays bounded.
+        self._open(None, schema)
+
+    def add_part(self, stem: str, schema: pa.Schema) -> None:
+        """``STEM-train.parquet`` (and ``STEM-eval.parquet``), streamed into by ``write(..., part=STEM)``."""
+        self._open(stem, schema)
+        self.extra.update(dict.fromkeys(self._names(stem).values(), 0))
+
+    def _names(self, part: str | None) -> dict[str, str]:
+        return {split: f"{split}.parquet" if part is None else f"{part}-{split}.parquet" for split in self._splits}
+
+    def _open(self, part: str | None, schema: pa.Schema) -> None:
         try:
-            for split in ("train", "eval") if with_eval else ("train",):
-                path = self.tmp / f"{split}.parquet"
-                self._writers[split] = pq.ParquetWriter(path, schema, **parquet_options(schema))
+            for name in self._names(part).values():
+                self._files[name] = pq.ParquetWriter(self.tmp / name, schema, **parquet_options(schema))
         except BaseException:
             self.abort()
             raise
@@ -181,23 +192,29 @@ class DatasetWriter:
         if kind is not None:
             self.abort()
 
-    def write(self, batch: pa.RecordBatch, in_eval: np.ndarray) -> None:
-        if "eval" in self._writers and in_eval.any():
-            parts = {"train": batch.filter(pa.array(~in_eval)), "eval": batch.filter(pa.array(in_eval))}
+    def write(self, batch: pa.RecordBatch, in_eval: np.ndarray, part: str | None = None) -> None:
+        """Examples (``part`` None; the CSV gets them too) or a part's rows, each to its split's file."""
+        names = self._names(part)
+        if "eval" in names and in_eval.any():
+            pieces = {names["train"]: batch.filter(pa.array(~in_eval)), names["eval"]: batch.filter(pa.array(in_eval))}
         else:
-            parts = {"train": batch}
-        for split, part in parts.items():
-            self.rows[split] += len(part)
+            pieces = {names["train"]: batch}
+        for split, name in names.items():
+            rows = len(pieces.get(name, ()))
+            if part is None:
+                self.rows[split] += rows
+            else:
+                self.extra[name] += rows
         while len(self._pending) >= _MAX_PENDING:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._write_parts, parts, batch))
+        self._pending.append(self._pool.submit(self._write_pieces, pieces, batch if part is None else None))
 
-    def _write_parts(self, parts: dict[str, pa.RecordBatch], batch: pa.RecordBatch) -> None:
-        for split, part in parts.items():
-            if len(part):
-                self._writers[split].write_batch(part)
-        if self._csv is not None:
-            self._csv.write_batch(batch.select(list(CSV_COLUMNS)))
+    def _write_pieces(self, pieces: dict[str, pa.RecordBatch], examples: pa.RecordBatch | None) -> None:
+        for name, piece in pieces.items():
+            if len(piece):
+                self._files[name].write_batch(piece)
+        if self._csv is not None and examples is not None:
+            self._csv.write_batch(examples.select(list(CSV_COLUMNS)))
 
     def write_pairs(self, pairs: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
         """``pairs-train.parquet`` (and ``pairs-eval.parquet`` with an eval split) into the unpublished directory."""
@@ -209,7 +226,7 @@ class DatasetWriter:
         counts = {}
         for split, part in parts.items():
             counts[split] = len(part)
-            if split == "eval" and not self._with_eval:
+            if split not in self._splits:
                 continue
             name = f"{stem}-{split}.parquet"
             pq.write_table(part, self.tmp / name, **parquet_options(part.schema))
@@ -233,22 +250,19 @@ class DatasetWriter:
         with nothing published and LATEST as it was.
         """
         self._drain()
-        for writer in self._writers.values():
+        for writer in self._files.values():
             writer.close()
         if self._csv is not None:
             self._csv.close()
+        rows = {name: self.rows[split] for split, name in self._names(None).items()} | self.extra
         manifest = {
             **manifest,
-            "files": {
-                f"{split}.parquet": {"rows": self.rows[split], "bytes": (self.tmp / f"{split}.parquet").stat().st_size}
-                for split in self._writers
-            }
-            | {name: {"rows": rows, "bytes": (self.tmp / name).stat().st_size} for name, rows in self.extra.items()},
+            "files": {name: {"rows": n, "bytes": (self.tmp / name).stat().st_size} for name, n in rows.items()},
         }
         if before is not None:
             before(manifest, self.tmp)
         _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-        for name in [*(f"{split}.parquet" for split in self._writers), *self.extra]:
+        for name in rows:
             fsync_path(self.tmp / name)
         self._latest_lock = hold_lock(self._latest_tmp)
         _write_synced(self._latest_tmp, self.dataset_id + "\n")
@@ -275,7 +289,7 @@ class DatasetWriter:
         """Remove everything this run wrote; the published datasets are untouched."""
         with contextlib.suppress(Exception):
             self._drain()
-        for writer in [*self._writers.values(), *([self._csv] if self._csv is not None else [])]:
+        for writer in [*self._files.values(), *([self._csv] if self._csv is not None else [])]:
             with contextlib.suppress(OSError, pa.ArrowException):
                 writer.close()
         self._remove_temporaries()

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from saige_k8s.dataset.formats import FORMATS, prompt_prefix, render_turns
+from saige_k8s.dataset.kto import KTO_FILES
 from saige_k8s.dataset.writer import MANIFEST
 from saige_k8s.errors import InputError
 
@@ -107,7 +108,7 @@ def load_pairs(data: LoadedDataset, split: str) -> list[PairText]:
 
 def load_undesirable(data: LoadedDataset, split: str) -> list[tuple[str, str]]:
     """The KTO part of ``split``: answers a filter removed as poor, harmful or too harmful."""
-    return [_turns(row["messages"]) for row in _read_part(data.path / f"kto-{split}.parquet", ["messages"])]
+    return [_turns(row["messages"]) for row in _read_part(data.path / KTO_FILES[split], ["messages"])]
 
 
 CSV_EVAL_FRACTION = 0.05

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from saige_k8s.dataset.kto import KTO_FILES
 from saige_k8s.errors import InputError
 from saige_k8s.spec import TrainSpec
 from saige_k8s.training.data import (
@@ -279,6 +280,11 @@ class KtoObjective(Objective):
     def __init__(self, spec: TrainSpec, tokenizer: Any, data: LoadedDataset, accelerator: Any) -> None:
         self.spec, self.pad_id, self.accelerator = spec, tokenizer.pad_token_id, accelerator
         self.tokenizer, self.format = tokenizer, data.format
+        if not (data.path / KTO_FILES["train"]).is_file():
+            raise InputError(
+                f"dataset {data.path} has no KTO part ({KTO_FILES['train']}): extract it with "
+                "`saige-k8s extract --kto`, or with train.method: kto in the pipeline's spec"
+            )
         self.items = self._items(data, "train")
         if not any(not item.desirable for item in self.items):
             raise InputError(
