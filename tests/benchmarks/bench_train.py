@@ -43,8 +43,13 @@ def prepare(work: Path, rows: int, fmt: str, eval_fraction: float = 0.1, respons
 
     demo = DemoOptions(rows=rows, seed=0, response_median_bytes=response_median_bytes)
     create_database(str(work / "saige.db"), demo)
-    request = ExtractRequest(
-        db=str(work / "saige.db"), data_root=work / "data", format=fmt, eval_fraction=eval_fraction, dataset_id="bench"
+    request = ExtractRequest(  # the KTO part too, for bench_preference.py
+        db=str(work / "saige.db"),
+        data_root=work / "data",
+        format=fmt,
+        eval_fraction=eval_fraction,
+        dataset_id="bench",
+        kto=True,
     )
     return extract(request).path
 
