@@ -257,19 +257,55 @@ def _bisect(n: int, passes: Callable[[int, int], bool]) -> np.ndarray:
     return bad
 
 
-def judge_texts(
+def judge_rows(
     batch: pa.RecordBatch,
+    filters: Filters,
     counts: StageCounts,
     counted: np.ndarray | None = None,
     alive: np.ndarray | None = None,
-) -> pa.RecordBatch:
-    """Drop rows whose texts are unusable; the rest leave with UTF-8 texts, trimmed.
+) -> tuple[pa.RecordBatch, np.ndarray]:
+    """(the rows whose texts and scores are usable, mask of those that pass every filter).
 
+    They leave with UTF-8 texts, trimmed, and with principle columns and the weighted score.
+    Preference data needs the rows a score filter removes, so those are returned, marked.
     ``created_at`` that is not UTF-8 becomes NULL, as unparseable timestamps do; scores that
-    are not UTF-8 become NULL, which ``judge_scores`` counts as malformed. ``counted``: the
-    rows ``counts`` counts (None: all); ``alive``: the rows to judge (None: all), the others
-    are dropped uncounted (one copy of the batch, not two).
+    are not UTF-8 become NULL and count as malformed. ``counted``: the rows ``counts`` counts
+    (None: all); ``alive``: the rows to judge (None: all), the others dropped uncounted. The
+    batch is copied once, at the end, whatever the checks remove: a copy of a batch costs
+    about as much as all the text checks together.
     """
+    columns, alive = _judge_texts(batch, counts, counted, alive)
+    values, malformed = parse_scores(columns["buddhist_scores"])
+    missing = np.isnan(values).any(axis=1) & ~malformed
+    with np.errstate(invalid="ignore"):
+        out_of_range = ((values < SCORE_RANGE[0]) | (values > SCORE_RANGE[1])).any(axis=1) & ~malformed & ~missing
+    weights = filters.weights()
+    w = np.array([weights[p] for p in PRINCIPLES])
+    computed = values @ (w / w.sum()) if len(values) else np.zeros(0)
+    stored = columns["buddhist_weighted_score"].to_numpy(zero_copy_only=False).astype(float)
+    weighted = np.where(np.isnan(stored), computed, stored)
+    checks = zip(JSON_INVALID, (malformed, missing, out_of_range), strict=True)
+    usable = counts.count(checks, batch.column("id"), alive, counted)
+    passes = usable.copy()
+    steps = [("min_buddhist", weighted < filters.min_buddhist)]
+    steps += [(f"min_{p}", values[:, PRINCIPLES.index(p)] < v) for p, v in filters.principle_minima().items()]
+    for name, failing in steps:
+        hit = passes & failing
+        counts.remove(name, hit, counted)
+        passes &= ~hit
+    columns["buddhist_weighted_score"] = pa.array(weighted)
+    for k, p in enumerate(PRINCIPLES):
+        columns[p] = pa.array(values[:, k])
+    judged = pa.RecordBatch.from_pydict(columns)
+    if usable.all():
+        return judged, passes
+    return judged.filter(pa.array(usable)), passes[usable]
+
+
+def _judge_texts(
+    batch: pa.RecordBatch, counts: StageCounts, counted: np.ndarray | None, alive: np.ndarray | None
+) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """(the columns, texts as UTF-8 and trimmed; the rows still alive once their texts are judged)."""
     columns = {name: batch.column(name) for name in batch.schema.names}
     checks = [("missing_id", pc.is_null(columns["id"]).to_numpy(zero_copy_only=False))]
     for name in TEXT_COLUMNS:
@@ -286,9 +322,7 @@ def judge_texts(
         checks.append((f"empty_{name}", empty.to_numpy(zero_copy_only=False)))
     checks.append(("context_json_too_deep", _deep_json(columns["context"])))
     start = np.ones(len(batch), dtype=bool) if alive is None else alive
-    alive = counts.count(checks, batch.column("id"), start, counted)
-    judged = pa.RecordBatch.from_pydict(columns)
-    return judged if alive.all() else judged.filter(pa.array(alive))
+    return columns, counts.count(checks, batch.column("id"), start, counted)
 
 
 def _deep_json(contexts: pa.Array) -> np.ndarray:
@@ -297,48 +331,6 @@ def _deep_json(contexts: pa.Array) -> np.ndarray:
     for i in np.flatnonzero(deep):
         deep[i] = contexts[int(i)].as_py().strip().startswith("{")
     return deep
-
-
-def judge_scores(batch: pa.RecordBatch, filters: Filters, counts: StageCounts) -> pa.RecordBatch:
-    """Drop candidates whose scores are unusable or too low; add principle columns and weighted."""
-    judged, passes = score_rows(batch, filters, counts)
-    return judged if passes.all() else judged.filter(pa.array(passes))
-
-
-def score_rows(
-    batch: pa.RecordBatch, filters: Filters, counts: StageCounts, counted: np.ndarray | None = None
-) -> tuple[pa.RecordBatch, np.ndarray]:
-    """(rows with usable scores, with principle columns and weighted, mask of those passing the filters).
-
-    Preference pairs need the rows a score filter removes, so they are returned, marked.
-    ``counted``: the rows ``counts`` counts (None: all).
-    """
-    values, malformed = parse_scores(batch.column("buddhist_scores"))
-    missing = np.isnan(values).any(axis=1) & ~malformed
-    with np.errstate(invalid="ignore"):
-        out_of_range = ((values < SCORE_RANGE[0]) | (values > SCORE_RANGE[1])).any(axis=1) & ~malformed & ~missing
-    weights = filters.weights()
-    w = np.array([weights[p] for p in PRINCIPLES])
-    computed = values @ (w / w.sum()) if len(values) else np.zeros(0)
-    stored = batch.column("buddhist_weighted_score").to_numpy(zero_copy_only=False).astype(float)
-    weighted = np.where(np.isnan(stored), computed, stored)
-    checks = zip(JSON_INVALID, (malformed, missing, out_of_range), strict=True)
-    alive = counts.count(checks, batch.column("id"), np.ones(len(batch), dtype=bool), counted)
-    steps = [("min_buddhist", weighted < filters.min_buddhist)]
-    steps += [(f"min_{p}", values[:, PRINCIPLES.index(p)] < v) for p, v in filters.principle_minima().items()]
-    for name, failing in steps:
-        hit = alive & failing
-        counts.remove(name, hit, counted)
-        alive &= ~hit
-    usable = ~(malformed | missing | out_of_range)
-    columns = {name: batch.column(name) for name in batch.schema.names}
-    columns["buddhist_weighted_score"] = pa.array(weighted)
-    for k, p in enumerate(PRINCIPLES):
-        columns[p] = pa.array(values[:, k])
-    judged = pa.RecordBatch.from_pydict(columns)
-    if usable.all():
-        return judged, alive
-    return judged.filter(pa.array(usable)), alive[usable]
 
 
 class Examples(NamedTuple):
@@ -356,7 +348,7 @@ class Examples(NamedTuple):
 def as_examples(
     batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, excluded: pa.Array | None = None
 ) -> Examples:
-    """Judged candidates (``judge_texts``, ``judge_scores``) -> examples, without ``excluded`` prompts.
+    """Judged candidates (``judge_rows``) -> examples, without ``excluded`` prompts.
 
     Suite prompts and duplicates are dropped right after rendering, before the rest of the row is built.
     """

@@ -31,8 +31,7 @@ from saige_k8s.dataset.curate import (
     StageCounts,
     as_examples,
     in_eval,
-    judge_texts,
-    score_rows,
+    judge_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.kto import KTO_PART, UndesirableRows
@@ -256,9 +255,7 @@ def _write_candidates(
             counted = np.zeros(len(rows), dtype=bool) if read.reached_limit else candidate
             read.fetched += int(counted.sum())
             rows = rows.append_column(_CANDIDATE, pa.array(candidate))
-            texts = judge_texts(rows, read.stage, counted, alive=needed)
-            counted = _flag(texts) & (not read.reached_limit)
-            scored, passes = score_rows(texts, request.filters, read.stage, counted)
+            scored, passes = judge_rows(rows, request.filters, read.stage, counted, alive=needed)
             passes &= _flag(scored)
             for consumer in valid_rows:
                 consumer.add(scored, passes)

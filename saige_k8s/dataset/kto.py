@@ -54,7 +54,7 @@ class UndesirableRows:
         self._seen = SeenSet()
 
     def add(self, scored: pa.RecordBatch, passes: np.ndarray) -> None:
-        """Valid, scored rows (``score_rows``) and whether each passed every filter, as for the pairs."""
+        """Valid, scored rows (``judge_rows``) and whether each passed every filter, as for the pairs."""
         pick = ~passes & undesirable(scored, self.filters)
         if not pick.any():
             return
