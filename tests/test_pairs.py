@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from saige_k8s.dataset.extract import ExtractRequest, extract
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
@@ -218,6 +219,28 @@ def test_pairs_are_exactly_the_best_kept_against_the_worst_removed(tmp_path: Pat
     _, plain = _run(db, tmp_path / "plain", pairs=False)
     assert plain["counts"] == manifest["counts"] and plain["removed"] == manifest["removed"]
     assert plain["pairs"] == {"train": 0, "eval": 0}
+
+
+def test_a_pair_whose_rows_changed_after_the_scan_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pairs' texts are read again by id after the scan: a row deleted or given another
+    prompt in between (a live table) drops its pair instead of pairing two prompts' answers."""
+    import saige_k8s.dataset.extract as extract_module
+
+    db = _db(tmp_path / "p.db", _pair_rows())
+    read_again = extract_module._read_again
+
+    def table_changes_first(*args: object) -> pa.Table:
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE experiences SET user_message = 'Another question?' WHERE id = 4")
+            conn.execute("DELETE FROM experiences WHERE id = 10")
+        return read_again(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extract_module, "_read_again", table_changes_first)
+    path, manifest = _run(db, tmp_path / "out")
+    table = pq.read_table(path / "pairs-train.parquet")
+    pairs = zip(table.column("chosen_id").to_pylist(), table.column("rejected_id").to_pylist(), strict=True)
+    assert list(pairs) == [("15", "16")]
+    assert manifest["pairs"] == {"train": 1, "eval": 0}
 
 
 def test_pairs_loaded_as_a_dataset_in_trl_shape(tmp_path: Path) -> None:

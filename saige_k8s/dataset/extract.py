@@ -34,7 +34,7 @@ from saige_k8s.dataset.curate import (
     judge_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
-from saige_k8s.dataset.kto import KTO_PART, UndesirableRows
+from saige_k8s.dataset.kto import KTO_FILES, KTO_PART, UndesirableRows
 from saige_k8s.dataset.pairs import PairBuilder
 from saige_k8s.dataset.stats import DatasetStats, value_counts
 from saige_k8s.dataset.suite import load_suite
@@ -273,19 +273,34 @@ def _write_candidates(
                 continue
             _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
     progress.close()
-    _finish_preferences(writer, read, pairs, kto is not None, request.eval_fraction)
+    if pairs is not None:  # a reduction over the whole table: known only at its end
+        table, keys = pairs.pairs(lambda ids: _read_again(request, source, judgement, ids))
+        read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
+    read.kto = None if kto is None else {split: writer.extra[KTO_FILES[split]] for split in KTO_FILES}
     return read
 
 
-def _finish_preferences(
-    writer: DatasetWriter, read: _Read, pairs: PairBuilder | None, with_kto: bool, eval_fraction: float
-) -> None:
-    """The pairs, a reduction over the whole table known only at its end; the KTO part's counts."""
-    if pairs is not None:
-        table, keys = pairs.pairs()
-        read.pairs = writer.write_pairs(table, in_eval(keys, eval_fraction))
-    if with_kto:
-        read.kto = {split: writer.extra.get(f"{KTO_PART}-{split}.parquet", 0) for split in ("train", "eval")}
+#: Ids per statement when the pairs' rows are read again (under every database's limit on bound values).
+_IDS_PER_READ = 900
+
+
+def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgement, ids: pa.Array) -> pa.Table:
+    """The rows of ``ids``, judged as the scan judged them (their counts are the scan's already).
+
+    ADBC on SQLite; on PostgreSQL through SQLAlchemy, whose driver binds a list of values as
+    they are, where ADBC's would set one session value per id (see ``source``)."""
+    adbc = request.adbc and source.dialect == "sqlite"
+    values = ids.to_pylist()
+    judged: list[pa.RecordBatch] = []
+    for start in range(0, len(values), _IDS_PER_READ):
+        check_stop()
+        query = rows_query(judgement, source.id_is_integer, values[start : start + _IDS_PER_READ])
+        with stream(source.url, query, adbc) as batches:
+            for batch in batches:
+                rows, _ = judge_rows(batch, request.filters, StageCounts())
+                judged.append(rows)
+    # A column NULL throughout one read comes back typed NULL through SQLAlchemy.
+    return pa.concat_tables([pa.Table.from_batches([b]) for b in judged], promote_options="permissive")
 
 
 def _undesirable_rows(request: ExtractRequest, writer: DatasetWriter, excluded: pa.Array) -> UndesirableRows:

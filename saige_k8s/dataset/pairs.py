@@ -3,11 +3,18 @@
 Experiences share a prompt when their rendered prompts are byte-identical (keyed by the
 prompt's xxh3 hash, the key of the train/eval split too). Rows stream in once, in id order,
 with a mark saying whether they passed every filter; each batch is reduced to one best kept
-and one worst removed row per prompt, and those reductions are merged as they pile up, so
-memory holds at most two rows per distinct prompt, never the table.
+and one worst removed row per prompt, and those reductions are merged as they pile up.
+
+What is held per prompt is what choosing needs, no text: the key, the id, the place in id
+order, the weighted score and the harm (about 40 bytes). On a log whose prompts are nearly
+all distinct, holding each one's answer until the end would hold most of the table. Only the
+rows that end up in a pair are read again, by id, for their texts and scores.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +40,12 @@ PAIRS_SCHEMA = pa.schema(
         ("format", pa.string()),
     ]
 )
-_NUMBERS = ("buddhist_weighted_score", "actual_harm", *PRINCIPLES, *HARM_COMPONENTS)
 #: Merge the pending reductions once they outgrow the merged state (and this floor).
 _MERGE_FLOOR = 65_536
+
+
+#: A function that reads the rows of these ids again, judged as the scan judged them (any order).
+Fetch = Callable[[pa.Array], pa.Table]
 
 
 class PairBuilder:
@@ -47,10 +57,8 @@ class PairBuilder:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
-        """Valid rows (texts and scores judged, ``seq``: their place in id order); ``passes``: kept by every filter."""
-        if not len(batch):
-            return
+    def keys(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(each row's prompt hash, whether its prompt is one of the excluded suite prompts)."""
         turn, _ = render_columns(
             self.fmt,
             self.system,
@@ -60,18 +68,28 @@ class PairBuilder:
             trimmed=True,
         )
         prompt = prompts(self.fmt, self.system, turn)
-        columns = {
-            "key": pa.array(content_hashes(prompt)),
-            "seq": batch.column("seq"),
-            "passes": pa.array(passes),
-            **{c: batch.column(c).cast(pa.float64()) for c in _NUMBERS},
-            "id": batch.column("id").cast(pa.string()),
-            "turn": turn,
-            "response": batch.column("response"),
-        }
-        table = pa.table(columns)
+        excluded = np.zeros(len(batch), dtype=bool)
         if len(self.excluded):
-            table = table.filter(pc.invert(pc.is_in(prompt, value_set=self.excluded)))
+            excluded = np.asarray(pc.is_in(prompt, value_set=self.excluded).to_numpy(zero_copy_only=False), bool)
+        return content_hashes(prompt), excluded
+
+    def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
+        """Valid rows (texts and scores judged, ``seq``: their place in id order); ``passes``: kept by every filter."""
+        if not len(batch):
+            return
+        key, excluded = self.keys(batch)
+        table = pa.table(
+            {
+                "key": pa.array(key),
+                "seq": batch.column("seq"),
+                "passes": pa.array(passes),
+                "buddhist_weighted_score": batch.column("buddhist_weighted_score").cast(pa.float64()),
+                "actual_harm": batch.column("actual_harm").cast(pa.float64()),
+                "id": batch.column("id"),
+            }
+        )
+        if excluded.any():
+            table = table.filter(pa.array(~excluded))
         part = _reduce(table)
         self._pending.append(part)
         self._pending_rows += len(part)
@@ -83,23 +101,44 @@ class PairBuilder:
         self._state = _reduce(pa.concat_tables(parts)) if parts else None
         self._pending, self._pending_rows = [], 0
 
-    def pairs(self) -> tuple[pa.Table, np.ndarray]:
-        """(the pairs in the order of their chosen rows, their prompts' hashes: the split's key, as for SFT)."""
+    def pairs(self, fetch: Fetch) -> tuple[pa.Table, np.ndarray]:
+        """(the pairs in the order of their chosen rows, their prompts' hashes: the split's key, as for SFT).
+
+        A row read again that is gone, or whose prompt is no longer the one it was chosen for
+        (the table changed between the scan and the read), drops its pair.
+        """
         self._merge()
         state = self._state
         if state is None or not len(state):
             return PAIRS_SCHEMA.empty_table(), np.zeros(0, dtype=np.uint64)
         passes = state.column("passes").to_numpy(zero_copy_only=False)
         kept, removed = state.filter(pa.array(passes)), state.filter(pa.array(~passes))
-        keys_kept = kept.column("key").to_numpy()
-        keys_removed = removed.column("key").to_numpy()
-        _, ik, ir = np.intersect1d(keys_kept, keys_removed, assume_unique=True, return_indices=True)
-        chosen, rejected = kept.take(pa.array(ik)), removed.take(pa.array(ir))
-        differ = pc.not_equal(chosen.column("response"), rejected.column("response"))
-        chosen, rejected = chosen.filter(differ), rejected.filter(differ)
-        order = pa.array(np.argsort(chosen.column("seq").to_numpy(), kind="stable"))
-        chosen, rejected = chosen.take(order), rejected.take(order)
-        return self._table(chosen, rejected), chosen.column("key").to_numpy()
+        _, ik, ir = np.intersect1d(
+            kept.column("key").to_numpy(), removed.column("key").to_numpy(), assume_unique=True, return_indices=True
+        )
+        kept, removed = kept.take(pa.array(ik)), removed.take(pa.array(ir))
+        order = pa.array(np.argsort(kept.column("seq").to_numpy(), kind="stable"))
+        kept, removed = kept.take(order), removed.take(order)
+        wanted = pa.concat_arrays([kept.column("id").combine_chunks(), removed.column("id").combine_chunks()])
+        rows = fetch(wanted) if len(wanted) else None
+        if rows is None or not len(rows):
+            return PAIRS_SCHEMA.empty_table(), np.zeros(0, dtype=np.uint64)
+        chosen, rejected = (self._read_again(rows, side) for side in (kept, removed))
+        found = chosen.found & rejected.found
+        chosen_rows, rejected_rows = chosen.rows.filter(pa.array(found)), rejected.rows.filter(pa.array(found))
+        differ = pc.not_equal(chosen_rows.column("response"), rejected_rows.column("response"))
+        chosen_rows, rejected_rows = chosen_rows.filter(differ), rejected_rows.filter(differ)
+        keys = kept.column("key").to_numpy()[found][np.asarray(differ.to_numpy(zero_copy_only=False), bool)]
+        return self._table(chosen_rows, rejected_rows), keys
+
+    def _read_again(self, rows: pa.Table, side: pa.Table) -> _ReadAgain:
+        """``side``'s rows as read again (in ``side``'s order), and which of them still match."""
+        at = pc.index_in(side.column("id"), value_set=rows.column("id").combine_chunks())
+        found = ~np.asarray(at.is_null().to_numpy(zero_copy_only=False), bool)
+        taken = rows.take(pc.fill_null(at, 0)).combine_chunks()
+        key, _ = self.keys(taken.to_batches()[0])  # one batch: the chunks are combined
+        found &= key == side.column("key").to_numpy()
+        return _ReadAgain(taken, found)
 
     def _table(self, chosen: pa.Table, rejected: pa.Table) -> pa.Table:
         n = len(chosen)
@@ -113,19 +152,30 @@ class PairBuilder:
         # argmax takes the first of equal values: ties go in the order of PRINCIPLES and HARM_COMPONENTS.
         component = np.argmax(np.where(np.isnan(harm), -np.inf, harm), axis=1) if n else np.zeros(0, dtype=int)
         weighted, total_harm = ("buddhist_weighted_score", "actual_harm")
+        turn, _ = render_columns(
+            self.fmt,
+            self.system,
+            chosen.column("user_message").combine_chunks(),
+            chosen.column("context").combine_chunks(),
+            pa.nulls(n, pa.string()),
+            trimmed=True,
+        )
 
         def reply(table: pa.Table) -> pa.ListArray:
             return messages_of(["assistant"], table.column("response").combine_chunks().cast(pa.string()), n)
 
+        def number(table: pa.Table, name: str) -> pa.ChunkedArray:
+            return table.column(name).cast(pa.float64())
+
         return pa.table(
             {
-                "prompt": conversations(self.fmt, self.system, chosen.column("turn").combine_chunks()),
+                "prompt": conversations(self.fmt, self.system, turn),
                 "chosen": reply(chosen),
                 "rejected": reply(rejected),
-                "chosen_id": chosen.column("id"),
-                "rejected_id": rejected.column("id"),
-                "margin_weighted": pc.subtract(chosen.column(weighted), rejected.column(weighted)),
-                "margin_harm": pc.subtract(rejected.column(total_harm), chosen.column(total_harm)),
+                "chosen_id": chosen.column("id").cast(pa.string()),
+                "rejected_id": rejected.column("id").cast(pa.string()),
+                "margin_weighted": pc.subtract(number(chosen, weighted), number(rejected, weighted)),
+                "margin_harm": pc.subtract(number(rejected, total_harm), number(chosen, total_harm)),
                 "principle": pa.array([PRINCIPLES[k] for k in np.argmax(virtue, axis=1)] if n else [], pa.string()),
                 "component": pa.array(
                     [HARM_COMPONENTS[k] if ok else None for k, ok in zip(component, known, strict=True)], pa.string()
@@ -134,6 +184,11 @@ class PairBuilder:
             },
             schema=PAIRS_SCHEMA,
         )
+
+
+class _ReadAgain(NamedTuple):
+    rows: pa.Table
+    found: np.ndarray
 
 
 def _reduce(table: pa.Table) -> pa.Table:

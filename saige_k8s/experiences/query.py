@@ -12,6 +12,7 @@ quoted by SQLAlchemy; thresholds are bound parameters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -121,7 +122,7 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     return Judgement(col, alignment, labels, verdict)
 
 
-def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
+def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | None = None) -> sa.Select:
     """Every row once, in id order: its verdict, what the funnel's statistics add up, its columns.
 
     One statement serves the funnel (the verdict of every row, and the source statistics)
@@ -133,6 +134,7 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     integer and real storage; text columns need no cast (casting would copy every response).
     ``funnel_harm`` and ``funnel_weighted`` are the values in their ranges (else NULL): for
     valid rows the cast columns, but SQLite may store text in a rejected row's number column.
+    ``ids``: only the rows of these ids (the preference pairs' rows, read again for their texts).
     """
     harm = j.columns["actual_harm"]
     weighted = j.columns["buddhist_weighted_score"]
@@ -147,7 +149,7 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
     for name in ROW_COLUMNS:
         expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
         exprs[name] = sa.cast(expr, kinds[name]) if name in kinds else expr
-    return sa.select(
+    statement = sa.select(
         *(exprs[n].label(n) for n in ROW_COLUMNS),
         j.verdict.label(VERDICT),
         sa.cast(sa.case((sa.and_(harm >= HARM_RANGE[0], harm <= HARM_RANGE[1]), harm)), real).label(FUNNEL_HARM),
@@ -155,3 +157,4 @@ def rows_query(j: Judgement, id_is_integer: bool) -> sa.Select:
             FUNNEL_WEIGHTED
         ),
     ).order_by(j.columns["id"])
+    return statement if ids is None else statement.where(j.columns["id"].in_(ids))
