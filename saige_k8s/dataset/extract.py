@@ -3,7 +3,8 @@
 One statement reads the table once, as Arrow: every row comes with its verdict, which the
 funnel counts; the candidates' scores are judged, and they are rendered, deduplicated, split
 and written while the database keeps reading. With preference pairs the same scan brings
-the rows a filter removed, marked by their verdict, so the pairs cost no second read.
+the rows a filter removed, marked by their verdict, and the pairs are chosen from it; only
+the few rows that end up in a pair are read again, by id, for their texts.
 """
 
 from __future__ import annotations
