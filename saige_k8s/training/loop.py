@@ -31,6 +31,7 @@ from saige_k8s.lifecycle import stop_requested
 from saige_k8s.spec import TrainSpec
 from saige_k8s.training import atomic
 from saige_k8s.training.data import (
+    IGNORE,
     Example,
     collate,
     length_grouped_batches,
@@ -39,7 +40,7 @@ from saige_k8s.training.data import (
     tokenize_all,
 )
 from saige_k8s.training.model import compute_dtype, load_model, load_tokenizer
-from saige_k8s.training.objectives import Figures, add_figures, means, objective_for, to_tensors
+from saige_k8s.training.objectives import Figures, add_figures, means, objective_for, to_tensors, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +319,8 @@ def masked_loss_sums(
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for start in range(0, len(examples), batch_size):
         batch = to_tensors(collate(examples[start : start + batch_size], pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shifted = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += torch.stack([losses.double(), (shifted != -100).sum().double()])
+        losses, targets = token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += torch.stack([losses.sum().double(), (targets != IGNORE).sum().double()])
     return total
 
 

@@ -40,6 +40,7 @@ from saige_k8s.dataset.kto import KTO_FILES
 from saige_k8s.errors import InputError
 from saige_k8s.spec import TrainSpec
 from saige_k8s.training.data import (
+    IGNORE,
     Example,
     LoadedDataset,
     collate,
@@ -60,13 +61,31 @@ def to_tensors(batch: dict[str, list[list[int]]], device: torch.device) -> Batch
     return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_losses(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each label token's loss, 0 elsewhere; the labels they were scored against), in float32.
+
+    The vocabulary projection runs only at the positions where some row predicts a label:
+    not at the prompt's, and the logits never exist for the whole grid (with a 49k-token
+    vocabulary, a few full-size copies of them were most of a DPO step's memory).
+    """
+    shifted = labels[:, 1:]  # the logits at position t predict the token at t + 1
+    keep = (shifted != IGNORE).any(0).nonzero().squeeze(1)
+    if not len(keep):  # every label cut away: score one position, which counts nothing
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    targets = shifted[:, keep]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return losses.view(targets.shape), targets
+
+
+def sequence_logps(model: Any, batch: Batch, prefix: str = "") -> torch.Tensor:
     """Per row, the summed log-probability of its label tokens (the completion), in float32."""
-    shifted = labels[:, 1:]
-    losses = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="none"
+    losses, _ = token_losses(
+        model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
     )
-    return -losses.view(shifted.shape).sum(-1)
+    return -losses.sum(-1)
 
 
 def dpo_loss(
@@ -161,15 +180,12 @@ class Objective:
         return batch
 
     def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, Figures]:
+        """The mean loss of the label tokens; with weights, each example's sum scaled by its weight."""
+        losses, targets = token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        tokens = (targets != IGNORE).sum().clamp(min=1)
         if "weights" not in batch:
-            return model(**batch).loss, {}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
-        ).view(labels.shape)
-        tokens = (labels != -100).sum()
-        return (losses.sum(-1) * batch["weights"]).sum() / tokens.clamp(min=1), {}
+            return losses.sum() / tokens, {}
+        return (losses.sum(-1) * batch["weights"]).sum() / tokens, {}
 
     def evaluate(self, accelerator: Any, model: Any) -> dict[str, float]:
         return {}
@@ -224,8 +240,7 @@ class DpoObjective(Objective):
         )
 
     def _logps(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        chosen, rejected = sequence_logps(logits, batch["labels"]).chunk(2)
+        chosen, rejected = sequence_logps(model, batch).chunk(2)
         return chosen, rejected
 
     def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, Figures]:
@@ -321,13 +336,13 @@ class KtoObjective(Objective):
         return batch
 
     def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, Figures]:
-        policy = sequence_logps(_logits(model, batch, ""), batch["labels"])
+        policy = sequence_logps(model, batch)
         base = self.accelerator.unwrap_model(model)
         with torch.no_grad():  # the reference point is detached
-            policy_kl = sequence_logps(_logits(base, batch, "kl_"), batch["kl_labels"])
+            policy_kl = sequence_logps(base, batch, "kl_")
         with reference(base):
-            ref = sequence_logps(_logits(base, batch, ""), batch["labels"])
-            ref_kl = sequence_logps(_logits(base, batch, "kl_"), batch["kl_labels"])
+            ref = sequence_logps(base, batch)
+            ref_kl = sequence_logps(base, batch, "kl_")
         kl = (policy_kl - ref_kl).mean()
         if model.training:  # averaged over the processes, which all step together (not in evaluation)
             kl = self.accelerator.reduce(kl, reduction="mean")
@@ -348,10 +363,6 @@ class KtoObjective(Objective):
             accelerator.process_index :: accelerator.num_processes
         ]
         return _evaluate_batches(accelerator, model, mine, max(2, self.spec.batch_size), self._collate, self.loss)
-
-
-def _logits(model: Any, batch: Batch, prefix: str) -> torch.Tensor:
-    return model(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": Objective, "dpo": DpoObjective, "kto": KtoObjective}
