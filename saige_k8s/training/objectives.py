@@ -68,7 +68,7 @@ def token_losses(
 
     The vocabulary projection runs only at the positions where some row predicts a label,
     not at the prompt's, and the logits are never copied for the shift: on SmolLM2's 49k-token
-    vocabulary that saved 14 % of a DPO step's CPU.
+    vocabulary that saved 14 % of the CPU of a 3-step DPO run, load and evals included.
     """
     shifted = labels[:, 1:]  # the logits at position t predict the token at t + 1
     keep = (shifted != IGNORE).any(0).nonzero().squeeze(1)
