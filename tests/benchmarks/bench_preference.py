@@ -56,6 +56,7 @@ def _spec(args: argparse.Namespace, method: str):
         precision="fp32",
         seed=0,
         max_eval_examples=0,  # the reward accuracy below is computed the same way for every trainer
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -127,6 +128,7 @@ def run_trl(args: argparse.Namespace, method: str, out: Path) -> dict:
         seed=0,
         bf16=False,
         fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's own default is True: set for both
     )
     trainer = Counting(
         model=load_base_model(spec),
@@ -181,6 +183,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=["dpo", "kto"], help="One method's pair of trainers.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="For every trainer alike (TRL's configs turn it on by default; saige-k8s's is off).",
+    )
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -202,6 +210,7 @@ def main() -> None:
     print(
         f"dataset {dataset}; model {args.model or 'tiny (built offline)'}; batch {args.batch_size}, "
         f"{args.steps} steps, lr {args.learning_rate}, beta {args.beta}, max_seq_len {args.max_seq_len}; "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for every trainer; "
         f"{args.rounds} interleaved rounds, medians",
         flush=True,
     )

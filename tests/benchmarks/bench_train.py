@@ -94,6 +94,7 @@ def _spec(args: argparse.Namespace, model: str):
         logging_steps=10_000,
         precision="fp32",
         seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -154,6 +155,7 @@ def run_trl(args: argparse.Namespace, model: str, dataset: Path, out: Path, pack
         bf16=False,
         fp16=False,
         padding_free=packing,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's own default is True: set for both
     )
     trainer = Counting(
         model=load_base_model(spec),
@@ -213,6 +215,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds of the three trainers.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="For every trainer alike (TRL's SFTConfig turns it on by default; saige-k8s's is off).",
+    )
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -232,7 +240,8 @@ def main() -> None:
         model = args.model or tiny_model(work, dataset)
     print(
         f"Machine: nproc {os.cpu_count()}; dataset {dataset}; model {args.model or 'tiny (built offline)'}; "
-        f"batch {args.batch_size} x accumulation {args.accumulation}, max_seq_len {args.max_seq_len}, 1 epoch",
+        f"batch {args.batch_size} x accumulation {args.accumulation}, max_seq_len {args.max_seq_len}, 1 epoch, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for every trainer",
         flush=True,
     )
 
