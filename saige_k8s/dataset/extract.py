@@ -35,8 +35,8 @@ from saige_k8s.dataset.curate import (
     judge_rows,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
-from saige_k8s.dataset.kto import KTO_FILES, KTO_PART, UndesirableRows
-from saige_k8s.dataset.pairs import PairBuilder
+from saige_k8s.dataset.kto import KTO_PART, UndesirableRows
+from saige_k8s.dataset.pairs import PAIRS_PART, PairBuilder
 from saige_k8s.dataset.stats import DatasetStats, value_counts
 from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
@@ -276,8 +276,8 @@ def _write_candidates(
     progress.close()
     if pairs is not None:  # a reduction over the whole table: known only at its end
         table, keys = pairs.pairs(lambda ids: _read_again(request, source, judgement, ids))
-        read.pairs = writer.write_pairs(table, in_eval(keys, request.eval_fraction))
-    read.kto = None if kto is None else {split: writer.extra[KTO_FILES[split]] for split in KTO_FILES}
+        read.pairs = writer.write_part(PAIRS_PART, table, in_eval(keys, request.eval_fraction))
+    read.kto = None if kto is None else writer.part_rows(KTO_PART)
     return read
 
 

@@ -24,6 +24,7 @@ from saige_k8s.dataset.curate import MESSAGE_TYPE, content_hashes, conversations
 from saige_k8s.dataset.formats import ChatFormat, render_columns
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
+PAIRS_PART = "pairs"
 PAIRS_FILES = {"train": "pairs-train.parquet", "eval": "pairs-eval.parquet"}
 #: TRL's conversational preference format, with what the evaluation groups pairs by.
 PAIRS_SCHEMA = pa.schema(
@@ -57,8 +58,8 @@ class PairBuilder:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def keys(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(each row's prompt hash, whether its prompt is one of the excluded suite prompts)."""
+    def _prompts(self, batch: pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
+        """(each row's user turn, its rendered prompt: what the pair and the split key on)."""
         turn, _ = render_columns(
             self.fmt,
             self.system,
@@ -67,20 +68,16 @@ class PairBuilder:
             pa.nulls(len(batch), pa.string()),
             trimmed=True,
         )
-        prompt = prompts(self.fmt, self.system, turn)
-        excluded = np.zeros(len(batch), dtype=bool)
-        if len(self.excluded):
-            excluded = np.asarray(pc.is_in(prompt, value_set=self.excluded).to_numpy(zero_copy_only=False), bool)
-        return content_hashes(prompt), excluded
+        return turn, prompts(self.fmt, self.system, turn)
 
     def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
         """Valid rows (texts and scores judged, ``seq``: their place in id order); ``passes``: kept by every filter."""
         if not len(batch):
             return
-        key, excluded = self.keys(batch)
+        _, prompt = self._prompts(batch)
         table = pa.table(
             {
-                "key": pa.array(key),
+                "key": pa.array(content_hashes(prompt)),
                 "seq": batch.column("seq"),
                 "passes": pa.array(passes),
                 "buddhist_weighted_score": batch.column("buddhist_weighted_score").cast(pa.float64()),
@@ -88,8 +85,8 @@ class PairBuilder:
                 "id": batch.column("id"),
             }
         )
-        if excluded.any():
-            table = table.filter(pa.array(~excluded))
+        if len(self.excluded):
+            table = table.filter(pc.invert(pc.is_in(prompt, value_set=self.excluded)))
         part = _reduce(table)
         self._pending.append(part)
         self._pending_rows += len(part)
@@ -124,23 +121,29 @@ class PairBuilder:
         if rows is None or not len(rows):
             return PAIRS_SCHEMA.empty_table(), np.zeros(0, dtype=np.uint64)
         chosen, rejected = (self._read_again(rows, side) for side in (kept, removed))
-        found = chosen.found & rejected.found
-        chosen_rows, rejected_rows = chosen.rows.filter(pa.array(found)), rejected.rows.filter(pa.array(found))
-        differ = pc.not_equal(chosen_rows.column("response"), rejected_rows.column("response"))
-        chosen_rows, rejected_rows = chosen_rows.filter(differ), rejected_rows.filter(differ)
-        keys = kept.column("key").to_numpy()[found][np.asarray(differ.to_numpy(zero_copy_only=False), bool)]
-        return self._table(chosen_rows, rejected_rows), keys
+        keep = chosen.found & rejected.found
+        keep[keep] = np.asarray(
+            pc.not_equal(
+                chosen.rows.column("response").filter(pa.array(keep)),
+                rejected.rows.column("response").filter(pa.array(keep)),
+            ).to_numpy(zero_copy_only=False),
+            bool,
+        )
+        mask = pa.array(keep)
+        table = self._table(chosen.rows.filter(mask), chosen.turn.filter(mask), rejected.rows.filter(mask))
+        return table, kept.column("key").to_numpy()[keep]
 
     def _read_again(self, rows: pa.Table, side: pa.Table) -> _ReadAgain:
         """``side``'s rows as read again (in ``side``'s order), and which of them still match."""
         at = pc.index_in(side.column("id"), value_set=rows.column("id").combine_chunks())
         found = ~np.asarray(at.is_null().to_numpy(zero_copy_only=False), bool)
         taken = rows.take(pc.fill_null(at, 0)).combine_chunks()
-        key, _ = self.keys(taken.to_batches()[0])  # one batch: the chunks are combined
-        found &= key == side.column("key").to_numpy()
-        return _ReadAgain(taken, found)
+        turn, prompt = self._prompts(taken.to_batches()[0])  # one batch: the chunks are combined
+        found &= content_hashes(prompt) == side.column("key").to_numpy()
+        return _ReadAgain(taken, turn, found)
 
-    def _table(self, chosen: pa.Table, rejected: pa.Table) -> pa.Table:
+    def _table(self, chosen: pa.Table, turn: pa.Array, rejected: pa.Table) -> pa.Table:
+        """The pairs' columns, from the rows read again (``turn``: the chosen rows' user turns)."""
         n = len(chosen)
 
         def values(table: pa.Table, names: tuple[str, ...]) -> np.ndarray:
@@ -152,14 +155,6 @@ class PairBuilder:
         # argmax takes the first of equal values: ties go in the order of PRINCIPLES and HARM_COMPONENTS.
         component = np.argmax(np.where(np.isnan(harm), -np.inf, harm), axis=1) if n else np.zeros(0, dtype=int)
         weighted, total_harm = ("buddhist_weighted_score", "actual_harm")
-        turn, _ = render_columns(
-            self.fmt,
-            self.system,
-            chosen.column("user_message").combine_chunks(),
-            chosen.column("context").combine_chunks(),
-            pa.nulls(n, pa.string()),
-            trimmed=True,
-        )
 
         def reply(table: pa.Table) -> pa.ListArray:
             return messages_of(["assistant"], table.column("response").combine_chunks().cast(pa.string()), n)
@@ -188,6 +183,7 @@ class PairBuilder:
 
 class _ReadAgain(NamedTuple):
     rows: pa.Table
+    turn: pa.Array
     found: np.ndarray
 
 

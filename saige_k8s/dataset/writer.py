@@ -192,7 +192,7 @@ class DatasetWriter:
         if kind is not None:
             self.abort()
 
-    def write(self, batch: pa.RecordBatch, in_eval: np.ndarray, part: str | None = None) -> None:
+    def write(self, batch: pa.RecordBatch | pa.Table, in_eval: np.ndarray, part: str | None = None) -> None:
         """Examples (``part`` None; the CSV gets them too) or a part's rows, each to its split's file."""
         names = self._names(part)
         if "eval" in names and in_eval.any():
@@ -207,31 +207,27 @@ class DatasetWriter:
                 self.extra[name] += rows
         while len(self._pending) >= _MAX_PENDING:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._write_pieces, pieces, batch if part is None else None))
+        examples = batch if part is None else None  # the CSV holds the examples only
+        self._pending.append(self._pool.submit(self._write_pieces, pieces, examples))
 
-    def _write_pieces(self, pieces: dict[str, pa.RecordBatch], examples: pa.RecordBatch | None) -> None:
+    def _write_pieces(
+        self, pieces: dict[str, pa.RecordBatch | pa.Table], examples: pa.RecordBatch | pa.Table | None
+    ) -> None:
         for name, piece in pieces.items():
             if len(piece):
-                self._files[name].write_batch(piece)
+                self._files[name].write(piece)
         if self._csv is not None and examples is not None:
-            self._csv.write_batch(examples.select(list(CSV_COLUMNS)))
-
-    def write_pairs(self, pairs: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
-        """``pairs-train.parquet`` (and ``pairs-eval.parquet`` with an eval split) into the unpublished directory."""
-        return self.write_part("pairs", pairs, in_eval)
+            self._csv.write(examples.select(list(CSV_COLUMNS)))
 
     def write_part(self, stem: str, table: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
-        """``STEM-train.parquet`` (and ``STEM-eval.parquet`` with an eval split): rows per split."""
-        parts = {"train": table.filter(pa.array(~in_eval)), "eval": table.filter(pa.array(in_eval))}
-        counts = {}
-        for split, part in parts.items():
-            counts[split] = len(part)
-            if split not in self._splits:
-                continue
-            name = f"{stem}-{split}.parquet"
-            pq.write_table(part, self.tmp / name, **parquet_options(part.schema))
-            self.extra[name] = len(part)
-        return counts
+        """A part known whole at once (the pairs, at the end of the read): rows per split."""
+        self.add_part(stem, table.schema)
+        self.write(table, in_eval, part=stem)
+        return self.part_rows(stem)
+
+    def part_rows(self, stem: str) -> dict[str, int]:
+        """Rows written so far to ``STEM-train.parquet`` and ``STEM-eval.parquet`` (0 where there is no such file)."""
+        return {split: self.extra.get(f"{stem}-{split}.parquet", 0) for split in ("train", "eval")}
 
     def _drain(self) -> None:
         if not hasattr(self, "_pool"):

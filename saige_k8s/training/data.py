@@ -81,8 +81,9 @@ def _read_part(file: Path, columns: list[str], optional: Sequence[str] = ()) -> 
     if not file.exists():
         return []
     try:
-        present = set(pq.read_schema(file).names)
-        return pq.read_table(file, columns=[*columns, *(c for c in optional if c in present)]).to_pylist()
+        parquet = pq.ParquetFile(file)
+        present = set(parquet.schema_arrow.names)
+        return parquet.read(columns=[*columns, *(c for c in optional if c in present)]).to_pylist()
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise InputError(f"corrupt dataset file {file}: {exc}") from None
 
