@@ -243,6 +243,32 @@ def test_a_pair_whose_rows_changed_after_the_scan_is_dropped(tmp_path: Path, mon
     assert manifest["pairs"] == {"train": 1, "eval": 0}
 
 
+def test_no_pairs_when_every_paired_row_is_gone_after_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import saige_k8s.dataset.extract as extract_module
+
+    db = _db(tmp_path / "p.db", _pair_rows())
+    read_again = extract_module._read_again
+
+    def table_emptied_first(*args: object) -> pa.Table:
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM experiences")
+        return read_again(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extract_module, "_read_again", table_emptied_first)
+    path, manifest = _run(db, tmp_path / "out")
+    assert pq.read_table(path / "pairs-train.parquet").num_rows == 0
+    assert manifest["pairs"] == {"train": 0, "eval": 0}
+    assert manifest["counts"]["kept"] > 0  # the examples come from the scan, before the rows went
+
+
+def test_a_kto_part_without_an_eval_split_is_counted(tmp_path: Path) -> None:
+    db = _db(tmp_path / "p.db", _pair_rows())
+    path, manifest = _run(db, tmp_path / "out", kto=True)  # eval_fraction 0: no kto-eval.parquet
+    assert manifest["kto"] == {"train": pq.read_table(path / "kto-train.parquet").num_rows, "eval": 0}
+    assert manifest["kto"]["train"] > 0
+    assert not (path / "kto-eval.parquet").exists()
+
+
 def test_pairs_loaded_as_a_dataset_in_trl_shape(tmp_path: Path) -> None:
     datasets = __import__("pytest").importorskip("datasets")
     db = _db(tmp_path / "p.db", _pair_rows())

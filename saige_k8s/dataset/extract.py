@@ -300,6 +300,8 @@ def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgeme
             for batch in batches:
                 rows, _ = judge_rows(batch, request.filters, StageCounts())
                 judged.append(rows)
+    if not judged:  # every row gone since the scan
+        return pa.table({"id": ids.slice(0, 0)})
     # A column NULL throughout one read comes back typed NULL through SQLAlchemy.
     return pa.concat_tables([pa.Table.from_batches([b]) for b in judged], promote_options="permissive")
 
