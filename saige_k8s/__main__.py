@@ -9,9 +9,10 @@ def main() -> None:
     try:
         lifecycle.install()
         from saige_k8s.cli import main as run_cli
+
+        run_cli()  # it ends the process itself: what reaches here is a stop before its own handling
     except Interrupted as exc:
         lifecycle.stopped(str(exc), exc.exit_code)
-    run_cli()
 
 
 if __name__ == "__main__":

@@ -1036,14 +1036,14 @@ def _eval_fraction(value: float) -> float:
 
 
 def main() -> None:
-    from saige_k8s import console
-
-    console.bars_only_on_a_terminal()  # before anything imports tqdm
     lifecycle.install()
     try:
+        from saige_k8s import console
+
+        console.bars_only_on_a_terminal()  # before anything imports tqdm
         cli(prog_name="saige-k8s")
     except SystemExit as exc:
         lifecycle.exit_process(exc.code)
-    except SaigeError as exc:  # a signal while click parses the command line
+    except SaigeError as exc:  # a signal while the command line loads or click parses it
         lifecycle.stopped(str(exc), exc.exit_code)
     lifecycle.exit_process(0)

@@ -92,7 +92,9 @@ def _cli(*args: object) -> list[str]:
 def _signal_at(cmd: list[str], sig: signal.Signals, delay: float) -> tuple[int, float, str]:
     """Run ``cmd``, send ``sig`` after ``delay`` s; its exit code, seconds from the signal to
     the exit, and stderr."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A crash in native code (it happened once in CI) then prints every thread's stack.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         _handlers_installed(proc.pid)
         time.sleep(delay)
