@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import xxhash
 
-from saige_k8s.dataset.formats import ChatFormat, prompt_prefix, render_columns
+from saige_k8s.dataset.formats import ChatFormat, prompt_prefix, text_columns, user_turn_columns
 from saige_k8s.dataset.jsontext import JsonObject, too_deep, too_deep_mask
 from saige_k8s.experiences.filters import Filters
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES, SCORE_RANGE
@@ -345,34 +345,24 @@ class Examples(NamedTuple):
     suite: int
 
 
-def as_examples(
-    batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, excluded: pa.Array | None = None
-) -> Examples:
-    """Judged candidates (``judge_rows``) -> examples, without ``excluded`` prompts.
+def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, prompts: Prompts) -> Examples:
+    """Judged candidates (``judge_rows``) and their ``prompts`` -> examples, without the suite's prompts.
 
     Suite prompts and duplicates are dropped right after rendering, before the rest of the row is built.
     """
-    turn, text = render_columns(
-        fmt,
-        system,
-        batch.column("user_message"),
-        batch.column("context"),
-        batch.column("response"),
-        trimmed=True,
-    )
-    prompt = prompts(fmt, system, turn)
-    keep = np.ones(len(batch), dtype=bool)
-    if excluded is not None and len(excluded) and len(batch):
-        keep = ~pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False)
+    turn = prompts.turn
+    text = text_columns(fmt, system, turn, batch.column("response"))
+    keep = ~prompts.suite
     suite = len(batch) - int(keep.sum())
     # The suite's prompts are out before deduplication: they take no text's first occurrence.
     fresh = seen.first_occurrences(content_hashes(text.filter(pa.array(keep)) if suite else text))
     duplicates = len(fresh) - int(fresh.sum())
     keep[keep] = fresh
+    prompt_keys = prompts.key
     if suite or duplicates:  # one copy for both
         mask = pa.array(keep)
-        batch, turn, text, prompt = (c.filter(mask) for c in (batch, turn, text, prompt))
-    prompt_keys = content_hashes(prompt)
+        batch, turn, text = (c.filter(mask) for c in (batch, turn, text))
+        prompt_keys = prompt_keys[keep]
     messages = conversations(fmt, system, turn, batch.column("response"))
     n = len(batch)
     columns = {
@@ -460,16 +450,35 @@ def eval_mask(keys: pa.Array | pa.ChunkedArray, eval_fraction: float) -> np.ndar
 
 
 def in_eval(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
-    """The split of ``eval_mask`` from precomputed xxh3 hashes (a prompt's: ``prompt_hashes``)."""
+    """The split of ``eval_mask`` from precomputed xxh3 hashes (a prompt's: ``Prompts.key``)."""
     if eval_fraction <= 0:
         return np.zeros(len(hashes), dtype=bool)
     return hashes < np.uint64(int(eval_fraction * 2**64 - 1))
 
 
-def prompts(fmt: ChatFormat, system: str, turn: pa.Array) -> pa.Array:
-    """The rendered prompt of each row (the text up to its response): what the split and pairs key on."""
+class Prompts(NamedTuple):
+    """Each row's user turn and what its rendered prompt (the text up to the response) decides,
+    worked out once per batch for the examples, the preference pairs and the KTO part alike."""
+
+    turn: pa.Array
+    #: xxh3 of the rendered prompt: the split's key (every answer to a prompt on one side) and the pairs'.
+    key: np.ndarray
+    #: The prompt is an evaluation suite scenario's: never trained on.
+    suite: np.ndarray
+
+    def filter(self, mask: np.ndarray) -> Prompts:
+        return Prompts(self.turn.filter(pa.array(mask)), self.key[mask], self.suite[mask])
+
+
+def prompts_of(batch: pa.RecordBatch, fmt: ChatFormat, system: str, excluded: pa.Array) -> Prompts:
+    """The ``Prompts`` of judged rows (``judge_rows``: messages trimmed); ``excluded``: the suite's prompts."""
+    turn = user_turn_columns(fmt, batch.column("user_message"), batch.column("context"))
     before, after = prompt_prefix(fmt, system)
-    return pc.binary_join_element_wise(before, turn, after, "")
+    prompt = pc.binary_join_element_wise(before, turn, after, "")
+    suite = np.zeros(len(batch), dtype=bool)
+    if len(excluded) and len(batch):
+        suite = np.asarray(pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False), dtype=bool)
+    return Prompts(turn, content_hashes(prompt), suite)
 
 
 class SeenSet:

@@ -28,11 +28,13 @@ from saige_k8s import __version__, console
 from saige_k8s.dataset.curate import (
     OUTPUT_SCHEMA,
     STAGE_INVALID,
+    Prompts,
     SeenSet,
     StageCounts,
     as_examples,
     in_eval,
     judge_rows,
+    prompts_of,
 )
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, FormatName
 from saige_k8s.dataset.kto import KTO_PART, UndesirableRows
@@ -211,7 +213,7 @@ class _Read:
 class ValidRows(Protocol):
     """What receives every row the database and the Arrow stage find usable (preference pairs)."""
 
-    def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
+    def add(self, batch: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
         """``batch``: texts and scores judged, ``seq`` (place in id order); ``passes``: kept by every filter."""
 
 
@@ -228,12 +230,11 @@ def _write_candidates(
     fmt = FORMATS[request.format]
     read = _Read(_Funnel(judgement.labels))
     seen = SeenSet()
-    limit = request.filters.limit
     progress = console.progress(
         "rows", " rows", source.estimated_rows, enabled=request.progress, log=log, unit_scale=True, leave=False
     )
     pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
-    kto = _undesirable_rows(request, writer, excluded) if request.kto else None
+    kto = _undesirable_rows(request, writer) if request.kto else None
     valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
     first_needed = judgement.first_valid if valid_rows else judgement.candidate
     query = rows_query(judgement, source.id_is_integer)
@@ -258,21 +259,20 @@ def _write_candidates(
             rows = rows.append_column(_CANDIDATE, pa.array(candidate))
             scored, passes = judge_rows(rows, request.filters, read.stage, counted, alive=needed)
             passes &= _flag(scored)
-            for consumer in valid_rows:
-                consumer.add(scored, passes)
+            # One rendering of each prompt serves the examples, the pairs and the KTO part.
+            prompts = None
+            if valid_rows:
+                prompts = prompts_of(scored, fmt, request.system_prompt, excluded)
+                for consumer in valid_rows:
+                    consumer.add(scored, passes, prompts)
             if read.reached_limit or (request.strict and read.stage.first_invalid):
                 continue  # --strict fails anyway: judge the rest only to report the true count
             judged = scored if passes.all() else scored.filter(pa.array(passes))
-            examples, keys, duplicates, suite = as_examples(judged, fmt, request.system_prompt, seen, excluded)
-            read.duplicates += duplicates
-            read.suite += suite
-            if limit is not None and read.stats.rows + len(examples) >= limit:
-                keep = limit - read.stats.rows
-                read.cut = len(examples) - keep
-                read.reached_limit = True
-                _write(writer, read.stats, examples.slice(0, keep), in_eval(keys[:keep], request.eval_fraction))
-                continue
-            _write(writer, read.stats, examples, in_eval(keys, request.eval_fraction))
+            if prompts is None:
+                prompts = prompts_of(judged, fmt, request.system_prompt, excluded)
+            elif len(judged) < len(scored):
+                prompts = prompts.filter(passes)
+            _keep_examples(request, writer, read, seen, judged, prompts)
     progress.close()
     if pairs is not None:  # a reduction over the whole table: known only at its end
         table, keys = pairs.pairs(lambda ids: _read_again(request, source, judgement, ids))
@@ -306,14 +306,14 @@ def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgeme
     return pa.concat_tables([pa.Table.from_batches([b]) for b in judged], promote_options="permissive")
 
 
-def _undesirable_rows(request: ExtractRequest, writer: DatasetWriter, excluded: pa.Array) -> UndesirableRows:
+def _undesirable_rows(request: ExtractRequest, writer: DatasetWriter) -> UndesirableRows:
     """The KTO part, written as it comes, like the examples."""
     writer.add_part(KTO_PART, OUTPUT_SCHEMA)
 
     def write(examples: pa.RecordBatch, keys: np.ndarray) -> None:
         writer.write(examples, in_eval(keys, request.eval_fraction), part=KTO_PART)
 
-    return UndesirableRows(FORMATS[request.format], request.system_prompt, request.filters, excluded, write)
+    return UndesirableRows(FORMATS[request.format], request.system_prompt, request.filters, write)
 
 
 #: The column that marks the database's candidates among the rows judged.
@@ -324,9 +324,23 @@ def _flag(batch: pa.RecordBatch) -> np.ndarray:
     return batch.column(_CANDIDATE).to_numpy(zero_copy_only=False)
 
 
-def _write(writer: DatasetWriter, stats: DatasetStats, examples: pa.RecordBatch, held_out: np.ndarray) -> None:
-    writer.write(examples, held_out)
-    stats.add(examples)
+def _keep_examples(
+    request: ExtractRequest, writer: DatasetWriter, read: _Read, seen: SeenSet, judged: pa.RecordBatch, prompts: Prompts
+) -> None:
+    """Candidates that passed every check become examples, up to --limit."""
+    examples, keys, duplicates, suite = as_examples(
+        judged, FORMATS[request.format], request.system_prompt, seen, prompts
+    )
+    read.duplicates += duplicates
+    read.suite += suite
+    limit = request.filters.limit
+    if limit is not None and read.stats.rows + len(examples) >= limit:
+        keep = limit - read.stats.rows
+        read.cut = len(examples) - keep
+        read.reached_limit = True
+        examples, keys = examples.slice(0, keep), keys[:keep]
+    writer.write(examples, in_eval(keys, request.eval_fraction))
+    read.stats.add(examples)
 
 
 def _manifest(

@@ -165,14 +165,23 @@ def render_columns(
 ) -> tuple[pa.Array, pa.Array]:
     """(user turn, text) for whole columns: ``render`` for every row, without a Python loop.
 
-    Contexts repeat a lot, so each distinct one is described once. ``trimmed``: the caller
-    has trimmed ``user`` and ``response`` already (extraction does, to judge emptiness).
+    ``trimmed``: the caller has trimmed ``user`` and ``response`` already (extraction does,
+    to judge emptiness).
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if not trimmed:
         user, response = pc.utf8_trim_whitespace(user), pc.utf8_trim_whitespace(response)
+    turn = user_turn_columns(fmt, user, context)
+    return turn, text_columns(fmt, system, turn, response)
+
+
+def user_turn_columns(fmt: ChatFormat, user: pa.Array, context: pa.Array) -> pa.Array:
+    """``user_turn`` for whole columns of trimmed messages. Contexts repeat a lot, so each
+    distinct one is described once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     encoded = pc.dictionary_encode(context)
     blocks = pa.array(
         [
@@ -182,7 +191,12 @@ def render_columns(
         pa.string(),
     )
     block = pc.fill_null(blocks.take(encoded.indices), "")
-    turn = pc.binary_join_element_wise(user, block, "")
+    return pc.binary_join_element_wise(user, block, "")
+
+
+def text_columns(fmt: ChatFormat, system: str, turn: pa.Array, response: pa.Array) -> pa.Array:
+    """The dataset's text of each row, from its user turn and its trimmed response."""
+    import pyarrow.compute as pc
+
     before, after = prompt_prefix(fmt, system)
-    text = pc.binary_join_element_wise(before, turn, after, response, fmt.end_of_turn, "")
-    return turn, text
+    return pc.binary_join_element_wise(before, turn, after, response, fmt.end_of_turn, "")

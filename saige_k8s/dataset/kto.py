@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saige_k8s.dataset.curate import SeenSet, as_examples
+from saige_k8s.dataset.curate import Prompts, SeenSet, as_examples
 from saige_k8s.dataset.formats import ChatFormat
 from saige_k8s.experiences.filters import Filters
 
@@ -46,20 +46,19 @@ class UndesirableRows:
         fmt: ChatFormat,
         system: str,
         filters: Filters,
-        excluded: pa.Array,
         write: Callable[[pa.RecordBatch, np.ndarray], object],
     ) -> None:
-        self.fmt, self.system, self.filters, self.excluded = fmt, system, filters, excluded
+        self.fmt, self.system, self.filters = fmt, system, filters
         self._write = write
         self._seen = SeenSet()
 
-    def add(self, scored: pa.RecordBatch, passes: np.ndarray) -> None:
+    def add(self, scored: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
         """Valid, scored rows (``judge_rows``) and whether each passed every filter, as for the pairs."""
         pick = ~passes & undesirable(scored, self.filters)
         if not pick.any():
             return
         examples, keys, _, _ = as_examples(
-            scored.filter(pa.array(pick)), self.fmt, self.system, self._seen, self.excluded
+            scored.filter(pa.array(pick)), self.fmt, self.system, self._seen, prompts.filter(pick)
         )
         if len(examples):
             self._write(examples, keys)

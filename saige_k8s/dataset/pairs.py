@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saige_k8s.dataset.curate import MESSAGE_TYPE, content_hashes, conversations, messages_of, prompts
-from saige_k8s.dataset.formats import ChatFormat, render_columns
+from saige_k8s.dataset.curate import MESSAGE_TYPE, Prompts, conversations, messages_of, prompts_of
+from saige_k8s.dataset.formats import ChatFormat
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
 PAIRS_PART = "pairs"
@@ -58,26 +58,13 @@ class PairBuilder:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def _prompts(self, batch: pa.RecordBatch) -> tuple[pa.Array, pa.Array]:
-        """(each row's user turn, its rendered prompt: what the pair and the split key on)."""
-        turn, _ = render_columns(
-            self.fmt,
-            self.system,
-            batch.column("user_message"),
-            batch.column("context"),
-            pa.nulls(len(batch), pa.string()),
-            trimmed=True,
-        )
-        return turn, prompts(self.fmt, self.system, turn)
-
-    def add(self, batch: pa.RecordBatch, passes: np.ndarray) -> None:
+    def add(self, batch: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
         """Valid rows (texts and scores judged, ``seq``: their place in id order); ``passes``: kept by every filter."""
         if not len(batch):
             return
-        _, prompt = self._prompts(batch)
         table = pa.table(
             {
-                "key": pa.array(content_hashes(prompt)),
+                "key": pa.array(prompts.key),
                 "seq": batch.column("seq"),
                 "passes": pa.array(passes),
                 "buddhist_weighted_score": batch.column("buddhist_weighted_score").cast(pa.float64()),
@@ -85,8 +72,8 @@ class PairBuilder:
                 "id": batch.column("id"),
             }
         )
-        if len(self.excluded):
-            table = table.filter(pc.invert(pc.is_in(prompt, value_set=self.excluded)))
+        if prompts.suite.any():
+            table = table.filter(pa.array(~prompts.suite))
         part = _reduce(table)
         self._pending.append(part)
         self._pending_rows += len(part)
@@ -138,9 +125,10 @@ class PairBuilder:
         at = pc.index_in(side.column("id"), value_set=rows.column("id").combine_chunks())
         found = ~np.asarray(at.is_null().to_numpy(zero_copy_only=False), bool)
         taken = rows.take(pc.fill_null(at, 0)).combine_chunks()
-        turn, prompt = self._prompts(taken.to_batches()[0])  # one batch: the chunks are combined
-        found &= content_hashes(prompt) == side.column("key").to_numpy()
-        return _ReadAgain(taken, turn, found)
+        # One batch: the chunks are combined.
+        prompts = prompts_of(taken.to_batches()[0], self.fmt, self.system, self.excluded)
+        found &= prompts.key == side.column("key").to_numpy()
+        return _ReadAgain(taken, prompts.turn, found)
 
     def _table(self, chosen: pa.Table, turn: pa.Array, rejected: pa.Table) -> pa.Table:
         """The pairs' columns, from the rows read again (``turn``: the chosen rows' user turns)."""
