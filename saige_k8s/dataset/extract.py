@@ -44,7 +44,15 @@ from saige_k8s.dataset.suite import load_suite
 from saige_k8s.dataset.writer import DATASETS, MANIFEST, DatasetWriter, check_dataset_id, new_dataset_id
 from saige_k8s.errors import InputError, NoExamplesError, RuntimeFailure
 from saige_k8s.experiences.filters import Filters
-from saige_k8s.experiences.query import CANDIDATE, FUNNEL_HARM, FUNNEL_WEIGHTED, VERDICT, Judgement, rows_query
+from saige_k8s.experiences.query import (
+    CANDIDATE,
+    HARM_IN_RANGE,
+    VERDICT,
+    WEIGHTED_IN_RANGE,
+    Judgement,
+    rows_query,
+    verdict_codes,
+)
 from saige_k8s.experiences.schema import ALIGNMENT_LEVELS
 from saige_k8s.experiences.source import SourceTable, open_source, redact, resolve_url, stream
 from saige_k8s.lifecycle import check_stop
@@ -156,13 +164,18 @@ class _Funnel:
     def __post_init__(self) -> None:
         self.verdicts = np.zeros(len(self.labels), dtype=np.int64)
 
-    def add(self, batch: pa.RecordBatch, verdict: np.ndarray) -> None:
+    def add(self, batch: pa.RecordBatch, verdict: np.ndarray, flags: np.ndarray) -> None:
+        """``verdict``: each row's label; ``flags``: the VERDICT column's (which numbers are in range)."""
         self.rows += len(batch)
         self.verdicts += np.bincount(verdict, minlength=len(self.labels))
-        for total, name in ((self.harm, FUNNEL_HARM), (self.weighted, FUNNEL_WEIGHTED)):
-            column = batch.column(name)
-            total[0] += len(column) - column.null_count
-            total[1] += pc.sum(column).as_py() or 0.0
+        for total, name, flag in (
+            (self.harm, "actual_harm", HARM_IN_RANGE),
+            (self.weighted, "buddhist_weighted_score", WEIGHTED_IN_RANGE),
+        ):
+            in_range = (flags & flag) != 0
+            total[0] += int(in_range.sum())
+            # The column with the others masked, not filtered: the same sum, in the same order.
+            total[1] += pc.sum(pc.if_else(pa.array(in_range), batch.column(name), None)).as_py() or 0.0
         for value, n in zip(*value_counts(_as_bytes(batch.column("buddhist_alignment"))), strict=True):
             label = value.decode("utf-8", "replace") if value is not None else None
             if label in self.alignment:
@@ -242,8 +255,9 @@ def _write_candidates(
         for raw in batches:
             check_stop()
             progress.update(len(raw))
-            verdict = raw.column(VERDICT).to_numpy(zero_copy_only=False)
-            read.funnel.add(raw, verdict)
+            flags = raw.column(VERDICT).to_numpy(zero_copy_only=False)
+            verdict = verdict_codes(flags)
+            read.funnel.add(raw, verdict, flags)
             if read.reached_limit and not valid_rows:
                 continue
             needed = verdict >= first_needed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
@@ -28,11 +29,18 @@ from saige_k8s.experiences.schema import (
     alignments_at_least,
 )
 
+if TYPE_CHECKING:  # numpy arrives with the rows; the query is built before, and --help builds none
+    import numpy as np
+
 CANDIDATE = "candidate"
-#: Columns of the row query beside ROW_COLUMNS.
+#: The row query's column beside ROW_COLUMNS: the verdict (an index into ``Judgement.labels``)
+#: plus the flags below, one value per row where three columns cost ADBC a third more per row.
 VERDICT = "verdict"
-FUNNEL_HARM = "funnel_harm"
-FUNNEL_WEIGHTED = "funnel_weighted"
+#: Flags of the VERDICT column: the table's harm / weighted score is a number in its range
+#: (the funnel's statistics of the whole table add these up).
+HARM_IN_RANGE = 32
+WEIGHTED_IN_RANGE = 64
+_CODE = HARM_IN_RANGE - 1
 
 #: Columns of the row query, in order, by logical name.
 ROW_COLUMNS = (
@@ -119,7 +127,13 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     ]
     verdict = sa.case(*((cond, code) for code, (_, cond) in enumerate(checks)), else_=len(checks))
     labels = (*(label for label, _ in checks), CANDIDATE)
+    assert len(labels) <= _CODE, "the verdict's code would overlap its flags"
     return Judgement(col, alignment, labels, verdict)
+
+
+def verdict_codes(values: np.ndarray) -> np.ndarray:
+    """The VERDICT column's index into ``Judgement.labels``, flags removed."""
+    return values & _CODE
 
 
 def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | None = None) -> sa.Select:
@@ -132,8 +146,9 @@ def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | None =
     than hiding the unneeded ones behind ``CASE verdict ...`` (which needs the verdict in a
     subquery). Numbers are cast so that a column is one Arrow type even where SQLite mixes
     integer and real storage; text columns need no cast (casting would copy every response).
-    ``funnel_harm`` and ``funnel_weighted`` are the values in their ranges (else NULL): for
-    valid rows the cast columns, but SQLite may store text in a rejected row's number column.
+    The flags of ``VERDICT`` (``HARM_IN_RANGE``, ``WEIGHTED_IN_RANGE``) say where a row's
+    number is one in its range: only then is its cast column the number stored, for SQLite
+    may store text in a rejected row's number column (a text compares above every number).
     ``ids``: only the rows of these ids (the preference pairs' rows, read again for their texts).
     """
     harm = j.columns["actual_harm"]
@@ -149,12 +164,10 @@ def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | None =
     for name in ROW_COLUMNS:
         expr = j.alignment if name == "buddhist_alignment" else j.columns[name]
         exprs[name] = sa.cast(expr, kinds[name]) if name in kinds else expr
-    statement = sa.select(
-        *(exprs[n].label(n) for n in ROW_COLUMNS),
-        j.verdict.label(VERDICT),
-        sa.cast(sa.case((sa.and_(harm >= HARM_RANGE[0], harm <= HARM_RANGE[1]), harm)), real).label(FUNNEL_HARM),
-        sa.cast(sa.case((sa.and_(weighted >= SCORE_RANGE[0], weighted <= SCORE_RANGE[1]), weighted)), real).label(
-            FUNNEL_WEIGHTED
-        ),
-    ).order_by(j.columns["id"])
+
+    def flag(value: ColumnElement, bounds: tuple[float, float], bit: int) -> ColumnElement:
+        return sa.case((sa.and_(value >= bounds[0], value <= bounds[1]), bit), else_=0)
+
+    verdict = j.verdict + flag(harm, HARM_RANGE, HARM_IN_RANGE) + flag(weighted, SCORE_RANGE, WEIGHTED_IN_RANGE)
+    statement = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS), verdict.label(VERDICT)).order_by(j.columns["id"])
     return statement if ids is None else statement.where(j.columns["id"].in_(ids))
