@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from saige_k8s.dataset.curate import SeenSet, eval_mask, parse_scores, utc_timestamps
+from saige_k8s.dataset.curate import SeenSet, _parse_one, eval_mask, parse_scores, utc_timestamps
+from saige_k8s.experiences.schema import PRINCIPLES
 
 FULL = '{"ahimsa": 7.2, "sacca": 8, "karuna": 6.5, "panna": 9.1, "upekkha": 7}'
 
@@ -43,6 +47,34 @@ def test_parse_scores(text: str | None, values: list[float], malformed: bool) ->
     assert bad.tolist() == [False, malformed, False]
     np.testing.assert_allclose(parsed[0], [7.2, 8, 6.5, 9.1, 7])
     np.testing.assert_allclose(parsed[2], [7.2, 8, 6.5, 9.1, 7])
+
+
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.sampled_from(["01", "-0", "-0.0", "-0e0", "0e0", "-0.0e-5", "1E5", "1e-400", "1e999", "-1e999"]),
+    st.sampled_from(["1.", ".5", "+1", "0x10", "1_0", "7 ", "NaN", "Infinity", "null", '"7"']),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_NUMBERS, min_size=5, max_size=5), min_size=1, max_size=30))
+def test_the_ordered_scores_read_as_any_json_reads_them(rows: list[list[object]]) -> None:
+    """Most rows are ``json.dumps`` of the five principles in order, read by a regular
+    expression and a cast, the rest by Arrow's JSON reader or Python's: every path must give
+    what Python's ``json`` gives the row alone, number for number (-0 is 0)."""
+
+    def member(principle: str, value: object) -> str:
+        return f'"{principle}": {value if isinstance(value, str) else json.dumps(value)}'
+
+    texts = ["{" + ", ".join(member(p, v) for p, v in zip(PRINCIPLES, row, strict=True)) + "}" for row in rows]
+    values, malformed = parse_scores(pa.array(texts, pa.string()))
+    for text, got, bad in zip(texts, values, malformed, strict=True):
+        alone = _parse_one(text)
+        assert bad == (alone is None), text
+        expected = np.array([math.nan] * 5 if alone is None else [alone.get(p, math.nan) for p in PRINCIPLES]) + 0.0
+        np.testing.assert_array_equal(got, expected, err_msg=text)
+        assert np.signbit(got).tolist() == np.signbit(expected).tolist(), text
 
 
 def test_seen_set_keeps_first_occurrence_across_batches() -> None:

@@ -33,6 +33,10 @@ _MEMBER = rf'"[A-Za-z_][A-Za-z0-9_]*"[ \t]*:[ \t]*(?:{_NUMBER}|null)'
 #: A flat JSON object of numbers on one line: read in bulk by Arrow's JSON reader.
 FLAT_SCORES = rf"^[ \t]*\{{[ \t]*(?:{_MEMBER}(?:[ \t]*,[ \t]*{_MEMBER})*)?[ \t]*\}}[ \t]*$"
 _SCORES_SCHEMA = pa.schema([(p, pa.float64()) for p in PRINCIPLES])
+#: A JSON number (no leading zeros), as ``json.dumps`` writes a float or an int.
+_JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]{1,3})?"
+#: The scores as ``json.dumps`` writes the five principles in order: most rows.
+ORDERED_SCORES = r"^\{" + ", ".join(f'"{p}": (?P<{p}>{_JSON_NUMBER})' for p in PRINCIPLES) + r"\}$"
 #: Flat rows the bulk reader rejects are narrowed down to runs this short, then parsed in Python.
 _SLOW_RUN = 8
 
@@ -75,6 +79,35 @@ def parse_scores(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
     ``scores`` must be a string column; invalid UTF-8 is the caller's to remove (``utf8_text``).
     """
+    values, ordered = _read_ordered(scores)
+    malformed = np.zeros(len(scores), dtype=bool)
+    if not ordered.all():
+        rest = ~ordered
+        values[rest], malformed[rest] = _parse_any(scores.filter(pa.array(rest)) if ordered.any() else scores)
+    # A score of -0 is 0: the JSON reader reads "-0" as -0.0, Python's json as 0, a cast as -0.0.
+    values[values == 0] = 0.0
+    return values, malformed
+
+
+def _read_ordered(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, read): the common case, the five principles in order as ``json.dumps`` writes
+    them, read by one regular expression and a cast, at half the JSON reader's cost."""
+    values = np.full((len(scores), len(PRINCIPLES)), np.nan)
+    fields = pc.extract_regex(scores, ORDERED_SCORES)
+    read = ~np.asarray(fields.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if not read.any():
+        return values, read
+    try:  # a number beyond any double, for one: the general path judges the batch
+        numbers = [pc.struct_field(fields, [k]).cast(pa.float64()) for k in range(len(PRINCIPLES))]
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return values, np.zeros(len(scores), dtype=bool)
+    values[:] = np.column_stack([c.to_numpy(zero_copy_only=False) for c in numbers])
+    values[np.isinf(values)] = np.nan  # as the JSON reader's: not a number here
+    return values, read
+
+
+def _parse_any(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``parse_scores`` for any JSON: flat objects in bulk, the rest one by one."""
     n = len(scores)
     values = np.full((n, len(PRINCIPLES)), np.nan)
     flat = pc.fill_null(pc.match_substring_regex(scores, FLAT_SCORES), False).to_numpy(zero_copy_only=False)
