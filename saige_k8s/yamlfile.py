@@ -21,8 +21,11 @@ class DuplicateKeyError(yaml.YAMLError):
         super().__init__(f"duplicate key {key!r} at line {line} (first at line {first})")
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys; a file that says two things is refused instead."""
+class UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML keeps the last of two equal keys; a file that says two things is refused instead.
+
+    libyaml's parser where PyYAML has it: the shipped evaluation suite, read by every
+    extraction, parses ten times faster."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -44,7 +47,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def parse_yaml(text: str, origin: str) -> Any:
     """The document in ``text``; a syntax error or a repeated key is a ConfigError naming ``origin``."""
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a safe loader
     except DuplicateKeyError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     except yaml.YAMLError as exc:
