@@ -92,16 +92,16 @@ def parse_scores(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def _read_ordered(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, read): the common case, the five principles in order as ``json.dumps`` writes
     them, read by one regular expression and a cast, at half the JSON reader's cost."""
-    values = np.full((len(scores), len(PRINCIPLES)), np.nan)
+    unread = np.full((len(scores), len(PRINCIPLES)), np.nan), np.zeros(len(scores), dtype=bool)
     fields = pc.extract_regex(scores, ORDERED_SCORES)
     read = ~np.asarray(fields.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     if not read.any():
-        return values, read
+        return unread
     try:  # a number beyond any double, for one: the general path judges the batch
         numbers = [pc.struct_field(fields, [k]).cast(pa.float64()) for k in range(len(PRINCIPLES))]
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return values, np.zeros(len(scores), dtype=bool)
-    values[:] = np.column_stack([c.to_numpy(zero_copy_only=False) for c in numbers])
+        return unread
+    values = np.column_stack([c.to_numpy(zero_copy_only=False) for c in numbers])  # NaN where not read
     values[np.isinf(values)] = np.nan  # as the JSON reader's: not a number here
     return values, read
 
@@ -503,13 +503,13 @@ class Prompts(NamedTuple):
         return Prompts(self.turn.filter(pa.array(mask)), self.key[mask], self.suite[mask])
 
 
-def prompts_of(batch: pa.RecordBatch, fmt: ChatFormat, system: str, excluded: pa.Array) -> Prompts:
+def prompts_of(batch: pa.RecordBatch, fmt: ChatFormat, system: str, excluded: pa.Array | None = None) -> Prompts:
     """The ``Prompts`` of judged rows (``judge_rows``: messages trimmed); ``excluded``: the suite's prompts."""
     turn = user_turn_columns(fmt, batch.column("user_message"), batch.column("context"))
     before, after = prompt_prefix(fmt, system)
     prompt = pc.binary_join_element_wise(before, turn, after, "")
     suite = np.zeros(len(batch), dtype=bool)
-    if len(excluded) and len(batch):
+    if excluded is not None and len(excluded) and len(batch):
         suite = np.asarray(pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False), dtype=bool)
     return Prompts(turn, content_hashes(prompt), suite)
 

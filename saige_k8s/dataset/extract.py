@@ -227,7 +227,8 @@ class ValidRows(Protocol):
     """What receives every row the database and the Arrow stage find usable (preference pairs)."""
 
     def add(self, batch: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
-        """``batch``: texts and scores judged, ``seq`` (place in id order); ``passes``: kept by every filter."""
+        """``batch``: texts and scores judged, ``seq`` (place in id order); ``passes``: kept by
+        every filter; ``prompts``: the batch's (``prompts_of``)."""
 
 
 def _write_candidates(
@@ -246,7 +247,7 @@ def _write_candidates(
     progress = console.progress(
         "rows", " rows", source.estimated_rows, enabled=request.progress, log=log, unit_scale=True, leave=False
     )
-    pairs = PairBuilder(fmt, request.system_prompt, excluded) if request.pairs else None
+    pairs = PairBuilder(fmt, request.system_prompt) if request.pairs else None
     kto = _undesirable_rows(request, writer) if request.kto else None
     valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
     first_needed = judgement.first_valid if valid_rows else judgement.candidate
@@ -274,18 +275,14 @@ def _write_candidates(
             scored, passes = judge_rows(rows, request.filters, read.stage, counted, alive=needed)
             passes &= _flag(scored)
             # One rendering of each prompt serves the examples, the pairs and the KTO part.
-            prompts = None
-            if valid_rows:
-                prompts = prompts_of(scored, fmt, request.system_prompt, excluded)
-                for consumer in valid_rows:
-                    consumer.add(scored, passes, prompts)
+            prompts = prompts_of(scored, fmt, request.system_prompt, excluded)
+            for consumer in valid_rows:
+                consumer.add(scored, passes, prompts)
             if read.reached_limit or (request.strict and read.stage.first_invalid):
                 continue  # --strict fails anyway: judge the rest only to report the true count
-            judged = scored if passes.all() else scored.filter(pa.array(passes))
-            if prompts is None:
-                prompts = prompts_of(judged, fmt, request.system_prompt, excluded)
-            elif len(judged) < len(scored):
-                prompts = prompts.filter(passes)
+            judged = scored
+            if not passes.all():
+                judged, prompts = scored.filter(pa.array(passes)), prompts.filter(passes)
             _keep_examples(request, writer, read, seen, judged, prompts)
     progress.close()
     if pairs is not None:  # a reduction over the whole table: known only at its end

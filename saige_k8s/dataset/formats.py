@@ -1,8 +1,9 @@
 """Chat formats, byte-exact with the seed's examples.
 
 A format is a handful of literal pieces. ``render`` joins them for one example (training
-uses it to mask the prompt exactly); ``render_columns`` joins the same pieces for whole
-Arrow columns (extraction). Both read the same pieces, so they cannot drift apart.
+uses it to mask the prompt exactly); ``user_turn_columns`` and ``text_columns`` (together,
+``render_columns``) join the same pieces for whole Arrow columns (extraction). Both read the
+same pieces, so they cannot drift apart.
 
 The user message and the response are trimmed of all surrounding whitespace first (Python's
 ``str.strip`` and Arrow's ``utf8_trim_whitespace`` agree on what that is), as the official

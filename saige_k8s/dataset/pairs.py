@@ -52,8 +52,8 @@ Fetch = Callable[[pa.Array], pa.Table]
 class PairBuilder:
     """Collects, per prompt, the best row that passed every filter and the worst one a filter removed."""
 
-    def __init__(self, fmt: ChatFormat, system: str, excluded: pa.Array) -> None:
-        self.fmt, self.system, self.excluded = fmt, system, excluded
+    def __init__(self, fmt: ChatFormat, system: str) -> None:
+        self.fmt, self.system = fmt, system
         self._state: pa.Table | None = None
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -125,8 +125,7 @@ class PairBuilder:
         at = pc.index_in(side.column("id"), value_set=rows.column("id").combine_chunks())
         found = ~np.asarray(at.is_null().to_numpy(zero_copy_only=False), bool)
         taken = rows.take(pc.fill_null(at, 0)).combine_chunks()
-        # One batch: the chunks are combined.
-        prompts = prompts_of(taken.to_batches()[0], self.fmt, self.system, self.excluded)
+        prompts = prompts_of(taken.to_batches()[0], self.fmt, self.system)  # one batch: the chunks are combined
         found &= prompts.key == side.column("key").to_numpy()
         return _ReadAgain(taken, prompts.turn, found)
 
