@@ -36,7 +36,9 @@ _SCORES_SCHEMA = pa.schema([(p, pa.float64()) for p in PRINCIPLES])
 #: A JSON number (no leading zeros), as ``json.dumps`` writes a float or an int.
 _JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]{1,3})?"
 #: The scores as ``json.dumps`` writes the five principles in order: most rows.
-ORDERED_SCORES = r"^\{" + ", ".join(f'"{p}": (?P<{p}>{_JSON_NUMBER})' for p in PRINCIPLES) + r"\}$"
+ORDERED_SCORES = r"^\{" + ", ".join(f'"{p}": {_JSON_NUMBER}' for p in PRINCIPLES) + r"\}$"
+#: In ORDERED_SCORES, from each number's delimiter ('{' or the comma before it) to its first digit.
+_ORDERED_KEY_LENGTHS = np.array([len(f'{{"{PRINCIPLES[0]}": ')] + [len(f', "{p}": ') for p in PRINCIPLES[1:]])
 #: Flat rows the bulk reader rejects are narrowed down to runs this short, then parsed in Python.
 _SLOW_RUN = 8
 
@@ -91,19 +93,38 @@ def parse_scores(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_ordered(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, read): the common case, the five principles in order as ``json.dumps`` writes
-    them, read by one regular expression and a cast, at half the JSON reader's cost."""
-    unread = np.full((len(scores), len(PRINCIPLES)), np.nan), np.zeros(len(scores), dtype=bool)
-    fields = pc.extract_regex(scores, ORDERED_SCORES)
-    read = ~np.asarray(fields.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    them. A regular expression without captures (RE2's automaton, not its submatch engine)
+    tells them; their numbers are then found by their delimiters and cast, at a third of the
+    cost of extracting them by capture, a fifth of the JSON reader's."""
+    values = np.full((len(scores), len(PRINCIPLES)), np.nan)
+    matched = pc.fill_null(pc.match_substring_regex(scores, ORDERED_SCORES), False)
+    read = np.asarray(matched.to_numpy(zero_copy_only=False), dtype=bool)
     if not read.any():
-        return unread
+        return values, read
     try:  # a number beyond any double, for one: the general path judges the batch
-        numbers = [pc.struct_field(fields, [k]).cast(pa.float64()) for k in range(len(PRINCIPLES))]
+        values[read] = _ordered_numbers(scores if read.all() else scores.filter(matched))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return unread
-    values = np.column_stack([c.to_numpy(zero_copy_only=False) for c in numbers])  # NaN where not read
+        return values, np.zeros(len(scores), dtype=bool)
     values[np.isinf(values)] = np.nan  # as the JSON reader's: not a number here
     return values, read
+
+
+def _ordered_numbers(scores: pa.Array) -> np.ndarray:
+    """The numbers of scores that all match ORDERED_SCORES: gathered, one value each, then cast."""
+    n, width = len(scores), len(PRINCIPLES)
+    offsets = np.frombuffer(scores.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * scores.offset)
+    data = np.frombuffer(scores.buffers()[2], dtype=np.uint8)[int(offsets[0]) : int(offsets[-1])]
+    # Each value matched the pattern: four commas and the closing brace, and no other.
+    ends = np.flatnonzero((data == ord(",")) | (data == ord("}"))).reshape(n, width)
+    starts = np.empty_like(ends)
+    starts[:, 0] = offsets[:-1] - offsets[0] + _ORDERED_KEY_LENGTHS[0]
+    starts[:, 1:] = ends[:, :-1] + _ORDERED_KEY_LENGTHS[1:]
+    lengths = (ends - starts).ravel()
+    number_offsets = np.zeros(lengths.size + 1, dtype=np.int32)
+    number_offsets[1:] = np.cumsum(lengths)
+    at = np.repeat(starts.ravel() - number_offsets[:-1], lengths) + np.arange(number_offsets[-1])
+    numbers = pa.StringArray.from_buffers(lengths.size, pa.py_buffer(number_offsets), pa.py_buffer(data[at]))
+    return numbers.cast(pa.float64()).to_numpy(zero_copy_only=False).reshape(n, width)
 
 
 def _parse_any(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
