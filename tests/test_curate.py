@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saige_k8s.dataset.curate import SeenSet, _parse_one, eval_mask, parse_scores, utc_timestamps
+from saige_k8s.dataset.curate import SeenSet, _parse_one, eval_mask, parse_scores, trim_whitespace, utc_timestamps
 from saige_k8s.experiences.schema import PRINCIPLES
 
 FULL = '{"ahimsa": 7.2, "sacca": 8, "karuna": 6.5, "panna": 9.1, "upekkha": 7}'
@@ -76,6 +77,22 @@ def test_the_ordered_scores_read_as_any_json_reads_them(rows: list[list[object]]
         expected = np.array([math.nan] * 5 if alone is None else [alone.get(p, math.nan) for p in PRINCIPLES]) + 0.0
         np.testing.assert_array_equal(got, expected, err_msg=text)
         assert np.signbit(got).tolist() == np.signbit(expected).tolist(), text
+
+
+_EDGES = st.sampled_from(
+    [" ", "\t", "\n", "\x1c", "\x7f", "\u00a0", "\u0085", "\u2003", "\u3000", "é", "\U0001f600", "!", "a", "~"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(_EDGES, max_size=3), st.text(max_size=8)), max_size=12), st.integers(0, 3))
+def test_trimming_skips_only_columns_that_need_none(texts: list[str | None], skip: int) -> None:
+    """Trimming returns the column uncopied only when no value starts or ends with what
+    could be whitespace; either way the values are Arrow's trim, and Python's strip."""
+    column = pa.array(["  pad  "] * skip + texts, pa.string()).slice(skip)
+    trimmed = trim_whitespace(column)
+    assert trimmed.to_pylist() == pc.utf8_trim_whitespace(column).to_pylist()
+    assert trimmed.to_pylist() == [None if t is None else t.strip() for t in texts]
 
 
 def test_seen_set_keeps_first_occurrence_across_batches() -> None:

@@ -287,6 +287,23 @@ def utf8_text(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return text, bad
 
 
+def trim_whitespace(text: pa.Array) -> pa.Array:
+    """``utf8_trim_whitespace`` of a string column, or the column itself, uncopied, when no
+    value can start or end with whitespace: whitespace is ASCII below ``!`` or starts or ends
+    with a byte above 0x7f, and most texts begin and end with neither."""
+    if text.type != pa.string():
+        return pc.utf8_trim_whitespace(text)
+    if text.null_count == len(text) or text.buffers()[2] is None:
+        return text
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=4 * text.offset)
+    data = np.frombuffer(text.buffers()[2], dtype=np.uint8)
+    nonempty = offsets[1:] > offsets[:-1]
+    edges = np.concatenate([data[offsets[:-1][nonempty]], data[offsets[1:][nonempty] - 1]])
+    if ((edges - np.uint8(ord("!"))) < np.uint8(0x80 - ord("!"))).all():  # each in [!, 0x7f]
+        return text
+    return pc.utf8_trim_whitespace(text)
+
+
 def _valid_utf8(text: pa.Array) -> bool:
     try:
         text.validate(full=True)
@@ -311,22 +328,35 @@ def _bisect(n: int, passes: Callable[[int, int], bool]) -> np.ndarray:
     return bad
 
 
+class Judged(NamedTuple):
+    """A batch as ``judge_rows`` leaves it."""
+
+    batch: pa.RecordBatch
+    #: Rows whose texts and scores are usable.
+    usable: np.ndarray
+    #: Usable rows that pass every filter.
+    passes: np.ndarray
+
+    def usable_rows(self) -> pa.RecordBatch:
+        return self.batch if self.usable.all() else self.batch.filter(pa.array(self.usable))
+
+
 def judge_rows(
     batch: pa.RecordBatch,
     filters: Filters,
     counts: StageCounts,
     counted: np.ndarray | None = None,
     alive: np.ndarray | None = None,
-) -> tuple[pa.RecordBatch, np.ndarray]:
-    """(the rows whose texts and scores are usable, mask of those that pass every filter).
+) -> Judged:
+    """Every row of ``batch``, texts as UTF-8 and trimmed, with principle columns and the
+    weighted score, and masks of the rows usable and of those that pass every filter.
 
-    They leave with UTF-8 texts, trimmed, and with principle columns and the weighted score.
-    Preference data needs the rows a score filter removes, so those are returned, marked.
+    Preference data needs the rows a score filter removes, so those stay usable, marked.
     ``created_at`` that is not UTF-8 becomes NULL, as unparseable timestamps do; scores that
     are not UTF-8 become NULL and count as malformed. ``counted``: the rows ``counts`` counts
-    (None: all); ``alive``: the rows to judge (None: all), the others dropped uncounted. The
-    batch is copied once, at the end, whatever the checks remove: a copy of a batch costs
-    about as much as all the text checks together.
+    (None: all); ``alive``: the rows to judge (None: all), the others unusable and uncounted.
+    The unusable rows are masked, not dropped: a copy of a batch costs about as much as all
+    the text checks together, and each consumer copies what it keeps anyway.
     """
     columns, alive = _judge_texts(batch, counts, counted, alive)
     values, malformed = parse_scores(columns["buddhist_scores"])
@@ -350,10 +380,7 @@ def judge_rows(
     columns["buddhist_weighted_score"] = pa.array(weighted)
     for k, p in enumerate(PRINCIPLES):
         columns[p] = pa.array(values[:, k])
-    judged = pa.RecordBatch.from_pydict(columns)
-    if usable.all():
-        return judged, passes
-    return judged.filter(pa.array(usable)), passes[usable]
+    return Judged(pa.RecordBatch.from_pydict(columns), usable, passes)
 
 
 def _judge_texts(
@@ -371,7 +398,7 @@ def _judge_texts(
     if _is_text(columns["created_at"].type):
         columns["created_at"], _ = utf8_text(columns["created_at"])
     for name in ("user_message", "response"):
-        columns[name] = pc.utf8_trim_whitespace(columns[name])
+        columns[name] = trim_whitespace(columns[name])
         empty = pc.fill_null(pc.equal(pc.binary_length(columns[name]), 0), True)
         checks.append((f"empty_{name}", empty.to_numpy(zero_copy_only=False)))
     checks.append(("context_json_too_deep", _deep_json(columns["context"])))
@@ -525,7 +552,8 @@ class Prompts(NamedTuple):
 
 
 def prompts_of(batch: pa.RecordBatch, fmt: ChatFormat, system: str, excluded: pa.Array | None = None) -> Prompts:
-    """The ``Prompts`` of judged rows (``judge_rows``: messages trimmed); ``excluded``: the suite's prompts."""
+    """The ``Prompts`` of judged rows (``judge_rows``: messages trimmed), usable or not (the
+    consumers mask those that are not); ``excluded``: the suite's prompts."""
     turn = user_turn_columns(fmt, batch.column("user_message"), batch.column("context"))
     before, after = prompt_prefix(fmt, system)
     prompt = pc.binary_join_element_wise(before, turn, after, "")

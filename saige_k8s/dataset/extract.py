@@ -28,6 +28,7 @@ from saige_k8s import __version__, console
 from saige_k8s.dataset.curate import (
     OUTPUT_SCHEMA,
     STAGE_INVALID,
+    Judged,
     Prompts,
     SeenSet,
     StageCounts,
@@ -226,9 +227,9 @@ class _Read:
 class ValidRows(Protocol):
     """What receives every row the database and the Arrow stage find usable (preference pairs)."""
 
-    def add(self, batch: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
-        """``batch``: texts and scores judged, ``seq`` (place in id order); ``passes``: kept by
-        every filter; ``prompts``: the batch's (``prompts_of``)."""
+    def add(self, judged: Judged, prompts: Prompts) -> None:
+        """``judged``: its usable rows are the valid ones, ``seq`` their place in id order, and
+        ``passes`` says which the database and the Arrow stage kept; ``prompts``: of every row."""
 
 
 def _write_candidates(
@@ -271,19 +272,18 @@ def _write_candidates(
                 read.streamed += len(rows)
             counted = np.zeros(len(rows), dtype=bool) if read.reached_limit else candidate
             read.fetched += int(counted.sum())
-            rows = rows.append_column(_CANDIDATE, pa.array(candidate))
-            scored, passes = judge_rows(rows, request.filters, read.stage, counted, alive=needed)
-            passes &= _flag(scored)
+            judged = judge_rows(rows, request.filters, read.stage, counted, alive=needed)
+            judged = judged._replace(passes=judged.passes & candidate)
             # One rendering of each prompt serves the examples, the pairs and the KTO part.
-            prompts = prompts_of(scored, fmt, request.system_prompt, excluded)
+            prompts = prompts_of(judged.batch, fmt, request.system_prompt, excluded)
             for consumer in valid_rows:
-                consumer.add(scored, passes, prompts)
+                consumer.add(judged, prompts)
             if read.reached_limit or (request.strict and read.stage.first_invalid):
                 continue  # --strict fails anyway: judge the rest only to report the true count
-            judged = scored
+            kept, passes = judged.batch, judged.passes
             if not passes.all():
-                judged, prompts = scored.filter(pa.array(passes)), prompts.filter(passes)
-            _keep_examples(request, writer, read, seen, judged, prompts)
+                kept, prompts = kept.filter(pa.array(passes)), prompts.filter(passes)
+            _keep_examples(request, writer, read, seen, kept, prompts)
     progress.close()
     if pairs is not None:  # a reduction over the whole table: known only at its end
         table, keys = pairs.pairs(lambda ids: _read_again(request, source, judgement, ids))
@@ -309,8 +309,7 @@ def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgeme
         query = rows_query(judgement, source.id_is_integer, values[start : start + _IDS_PER_READ])
         with stream(source.url, query, adbc) as batches:
             for batch in batches:
-                rows, _ = judge_rows(batch, request.filters, StageCounts())
-                judged.append(rows)
+                judged.append(judge_rows(batch, request.filters, StageCounts()).usable_rows())
     if not judged:  # every row gone since the scan
         return pa.table({"id": ids.slice(0, 0)})
     # A column NULL throughout one read comes back typed NULL through SQLAlchemy.
@@ -325,14 +324,6 @@ def _undesirable_rows(request: ExtractRequest, writer: DatasetWriter) -> Undesir
         writer.write(examples, in_eval(keys, request.eval_fraction), part=KTO_PART)
 
     return UndesirableRows(FORMATS[request.format], request.system_prompt, request.filters, write)
-
-
-#: The column that marks the database's candidates among the rows judged.
-_CANDIDATE = "is_candidate"
-
-
-def _flag(batch: pa.RecordBatch) -> np.ndarray:
-    return batch.column(_CANDIDATE).to_numpy(zero_copy_only=False)
 
 
 def _keep_examples(

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saige_k8s.dataset.curate import Prompts, SeenSet, as_examples
+from saige_k8s.dataset.curate import Judged, Prompts, SeenSet, as_examples
 from saige_k8s.dataset.formats import ChatFormat
 from saige_k8s.experiences.filters import Filters
 
@@ -52,13 +52,13 @@ class UndesirableRows:
         self._write = write
         self._seen = SeenSet()
 
-    def add(self, scored: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
-        """Valid, scored rows (``judge_rows``) and whether each passed every filter, as for the pairs."""
-        pick = ~passes & undesirable(scored, self.filters)
+    def add(self, judged: Judged, prompts: Prompts) -> None:
+        """A judged batch, as for the pairs: its usable rows that a filter removed are the candidates here."""
+        pick = judged.usable & ~judged.passes & undesirable(judged.batch, self.filters)
         if not pick.any():
             return
         examples, keys, _, _ = as_examples(
-            scored.filter(pa.array(pick)), self.fmt, self.system, self._seen, prompts.filter(pick)
+            judged.batch.filter(pa.array(pick)), self.fmt, self.system, self._seen, prompts.filter(pick)
         )
         if len(examples):
             self._write(examples, keys)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saige_k8s.dataset.curate import MESSAGE_TYPE, Prompts, conversations, messages_of, prompts_of
+from saige_k8s.dataset.curate import MESSAGE_TYPE, Judged, Prompts, conversations, messages_of, prompts_of
 from saige_k8s.dataset.formats import ChatFormat
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
 
@@ -58,22 +58,24 @@ class PairBuilder:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def add(self, batch: pa.RecordBatch, passes: np.ndarray, prompts: Prompts) -> None:
-        """Valid rows (texts and scores judged, ``seq``: their place in id order); ``passes``: kept by every filter."""
-        if not len(batch):
+    def add(self, judged: Judged, prompts: Prompts) -> None:
+        """A judged batch (``seq``: each row's place in id order): its usable rows, kept by every filter or not."""
+        keep = judged.usable & ~prompts.suite
+        if not keep.any():
             return
+        batch = judged.batch
         table = pa.table(
             {
                 "key": pa.array(prompts.key),
                 "seq": batch.column("seq"),
-                "passes": pa.array(passes),
+                "passes": pa.array(judged.passes),
                 "buddhist_weighted_score": batch.column("buddhist_weighted_score").cast(pa.float64()),
                 "actual_harm": batch.column("actual_harm").cast(pa.float64()),
                 "id": batch.column("id"),
             }
         )
-        if prompts.suite.any():
-            table = table.filter(pa.array(~prompts.suite))
+        if not keep.all():
+            table = table.filter(pa.array(keep))
         part = _reduce(table)
         self._pending.append(part)
         self._pending_rows += len(part)
