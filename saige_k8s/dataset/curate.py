@@ -555,12 +555,15 @@ def prompts_of(batch: pa.RecordBatch, fmt: ChatFormat, system: str, excluded: pa
     """The ``Prompts`` of judged rows (``judge_rows``: messages trimmed), usable or not (the
     consumers mask those that are not); ``excluded``: the suite's prompts."""
     turn = user_turn_columns(fmt, batch.column("user_message"), batch.column("context"))
+    # Prompts recur (that is what pairs are made of): each distinct one is rendered and hashed once.
+    distinct = pc.dictionary_encode(turn, null_encoding="encode")
     before, after = prompt_prefix(fmt, system)
-    prompt = pc.binary_join_element_wise(before, turn, after, "")
+    prompt = pc.binary_join_element_wise(before, distinct.dictionary, after, "")
+    rows = distinct.indices.to_numpy()
     suite = np.zeros(len(batch), dtype=bool)
     if excluded is not None and len(excluded) and len(batch):
-        suite = np.asarray(pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False), dtype=bool)
-    return Prompts(turn, content_hashes(prompt), suite)
+        suite = np.asarray(pc.is_in(prompt, value_set=excluded).to_numpy(zero_copy_only=False), dtype=bool)[rows]
+    return Prompts(turn, content_hashes(prompt)[rows], suite)
 
 
 class SeenSet:
