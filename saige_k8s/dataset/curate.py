@@ -76,6 +76,13 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+def string_offsets(text: pa.Array) -> np.ndarray:
+    """A string column's value offsets into its data buffer, as numpy (no copy; the column may be a slice)."""
+    if not len(text):  # an empty column may come without an offsets buffer
+        return np.zeros(1, dtype=np.int32)
+    return np.frombuffer(text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=4 * text.offset)
+
+
 def parse_scores(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values[n, 5] with NaN where a principle is missing or not a number, malformed[n]).
 
@@ -112,7 +119,7 @@ def _read_ordered(scores: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def _ordered_numbers(scores: pa.Array) -> np.ndarray:
     """The numbers of scores that all match ORDERED_SCORES: gathered, one value each, then cast."""
     n, width = len(scores), len(PRINCIPLES)
-    offsets = np.frombuffer(scores.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * scores.offset)
+    offsets = string_offsets(scores)
     data = np.frombuffer(scores.buffers()[2], dtype=np.uint8)[int(offsets[0]) : int(offsets[-1])]
     # Each value matched the pattern: four commas and the closing brace, and no other.
     ends = np.flatnonzero((data == ord(",")) | (data == ord("}"))).reshape(n, width)
@@ -185,7 +192,7 @@ def _read_json_lines(lines: pa.Array) -> np.ndarray:
 
 def _concatenated(lines: pa.Array) -> pa.Buffer:
     """The bytes of a string array's values, back to back (no copy)."""
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
+    offsets = string_offsets(lines)
     return lines.buffers()[2][int(offsets[0]) : int(offsets[-1])]
 
 
@@ -295,7 +302,7 @@ def trim_whitespace(text: pa.Array) -> pa.Array:
         return pc.utf8_trim_whitespace(text)
     if text.null_count == len(text) or text.buffers()[2] is None:
         return text
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=4 * text.offset)
+    offsets = string_offsets(text)
     data = np.frombuffer(text.buffers()[2], dtype=np.uint8)
     nonempty = offsets[1:] > offsets[:-1]
     edges = np.concatenate([data[offsets[:-1][nonempty]], data[offsets[1:][nonempty] - 1]])
@@ -517,7 +524,7 @@ def utc_timestamps(values: pa.Array) -> pa.Array:
 
 def content_hashes(text: pa.Array) -> np.ndarray:
     """64-bit hash of each row's text: the key for exact-duplicate removal."""
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset : text.offset + len(text) + 1].tolist()
+    offsets = string_offsets(text).tolist()
     data = memoryview(text.buffers()[2]) if text.buffers()[2] is not None else memoryview(b"")
     digest = xxhash.xxh3_64_intdigest
     return np.fromiter((digest(data[a:b]) for a, b in itertools.pairwise(offsets)), dtype=np.uint64, count=len(text))
