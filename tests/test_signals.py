@@ -488,3 +488,32 @@ except Interrupted as exc:
     )
     assert out.stdout.strip() == "stopped by SIGTERM; partial output removed", out.stderr
     assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("worker", ["none", "non-daemon"])
+def test_the_exit_keeps_what_the_interpreters_own_exit_keeps(tmp_path: Path, worker: str) -> None:
+    """The module teardown is skipped, not the rest: buffered output, exit callbacks (a
+    temporary directory's cleanup among them) and a thread the interpreter would wait for."""
+    done = tmp_path / "worker-done"
+    code = f"""
+import atexit, sys, tempfile, threading, time
+from pathlib import Path
+from saige_k8s import lifecycle
+lifecycle.install()
+scratch = tempfile.TemporaryDirectory(dir={str(tmp_path)!r})
+print(scratch.name)
+atexit.register(lambda: print("callback ran"))
+if {worker!r} == "non-daemon":
+    threading.Thread(target=lambda: (time.sleep(0.5), Path({str(done)!r}).write_text("done"))).start()
+sys.stdout.write("buffered, no newline")
+lifecycle.exit_process(3)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=30, check=False
+    )
+    assert out.returncode == 3, out.stderr
+    scratch, rest = out.stdout.split("\n", 1)
+    assert rest == "buffered, no newlinecallback ran\n"
+    assert not Path(scratch).exists()
+    assert done.exists() == (worker == "non-daemon")
+    assert out.stderr == ""

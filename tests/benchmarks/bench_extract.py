@@ -33,6 +33,8 @@ Run (from the repository root, with the project's virtualenv)::
     .venv/bin/python tests/benchmarks/bench_extract.py --rows 1000000 --rss-rows 0 --workdir /tmp/bench
     .venv/bin/python tests/benchmarks/bench_extract.py --pairs --rows 200000 --workdir /tmp/bench   # pairs off/on
     .venv/bin/python tests/benchmarks/bench_extract.py --busy-core --rss-rows 0   # also with one core kept busy
+    python3 -m venv /tmp/xv && /tmp/xv/bin/pip install -c images/constraints.txt -e '.[extract]'
+    .venv/bin/python tests/benchmarks/bench_extract.py --python /tmp/xv/bin/python   # the extract image's packages
 
 A demo database takes ~20 s and ~1 GB per million rows on SQLite; with ``--workdir`` the
 SQLite files are kept and reused by later runs when their row count matches. The internal
@@ -69,6 +71,8 @@ GNU_TIME = Path("/usr/bin/time")
 #: Rows per round trip of the baseline's PostgreSQL server-side cursor.
 PG_ITERSIZE = 10_000
 ADBC_SQLITE_BATCH_ROWS = 65_536
+#: The interpreter of every measured process (``--python``).
+PYTHON = sys.executable
 
 # The seed's default filters, as the baseline and the limit write them.
 WHERE = "actual_harm < 0.3 AND buddhist_weighted_score >= 6.0 AND buddhist_alignment IN ('good', 'excellent')"
@@ -198,7 +202,7 @@ def bench_pairs(db: str, rows: int, scratch: Path, repeats: int) -> str:
         for mode in ("off", "on"):
             root = scratch / f"pairs-{mode}-{i}"
             shutil.rmtree(root, ignore_errors=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "_pairs", mode, db, str(root)]
+            cmd = [PYTHON, str(Path(__file__).resolve()), "_pairs", mode, db, str(root)]
             run = measure(cmd, root.with_suffix(".log"))
             walls[mode].append(run.wall_s)
             out[mode] = json.loads(run.stdout.strip().splitlines()[-1]) | {"rss": run.peak_rss_mb}
@@ -326,8 +330,8 @@ def busy_core(enabled: bool) -> Iterator[None]:
 
 
 def saige_cli() -> list[str]:
-    script = Path(sys.executable).with_name("saige-k8s")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "saige_k8s"]
+    script = Path(PYTHON).with_name("saige-k8s")
+    return [str(script)] if script.exists() else [PYTHON, "-m", "saige_k8s"]
 
 
 def bench_saige(database: str, db: str, rows: int, scratch: Path, repeats: int, keep: bool, first: int = 1) -> Result:
@@ -367,7 +371,7 @@ def bench_worker(
     result = Result(database, method, rows)
     for i in range(first, first + repeats):
         out = scratch / f"{mode.strip('_')}-{database}-{rows}-{i}.{suffix}"
-        cmd = [sys.executable, str(Path(__file__).resolve()), mode, dialect, target, str(out)]
+        cmd = [PYTHON, str(Path(__file__).resolve()), mode, dialect, target, str(out)]
         run = measure(cmd, out.with_suffix(".log"))
         result.runs.append(run)
         result.rows_out = json.loads(run.stdout.strip().splitlines()[-1])["rows_out"]
@@ -506,6 +510,14 @@ def code_version() -> tuple[str, str]:
     return f"saige-k8s {saige_k8s.__version__}, git {revision}", digest.hexdigest()[:12]
 
 
+def environment() -> str:
+    """The measured processes' interpreter, and whether it has pandas: pyarrow imports it on its first
+    conversion from Python objects when installed (the dev extra has it; the extract image has not)."""
+    probe = "import importlib.util; print('with' if importlib.util.find_spec('pandas') else 'without')"
+    proc = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, check=True)
+    return f"{PYTHON} ({proc.stdout.strip()} pandas)"
+
+
 def machine() -> str:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -554,7 +566,7 @@ def results_table(results: list, wall_header: str) -> str:
 def report(
     results: list[Result], rss: list[Result], repeats: int, code: tuple[str, str], code_after: str, busy: bool
 ) -> str:
-    out = [f"Machine: {machine()}", f"Code: {code[0]}, sources {code[1]}"]
+    out = [f"Machine: {machine()}", f"Code: {code[0]}, sources {code[1]}", f"Interpreter: {environment()}"]
     if busy:
         out.append("Lines marked 'busy core': a second process kept one core busy while they were measured.")
     if code_after != code[1]:
@@ -651,6 +663,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Measure each database twice: as it is, then with a second process keeping one core busy.",
     )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Interpreter of the measured processes (default: this one), e.g. a virtualenv with only "
+        "`pip install -e '.[extract]'`, the extract image's packages.",
+    )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.rss_rows < 0 or args.repeats < 1:
         parser.error("--rows and --repeats must be >= 1, --rss-rows >= 0")
@@ -658,7 +676,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global PYTHON  # noqa: PLW0603 - one setting for every measured process
     args = parse_args(argv)
+    PYTHON = args.python
     if args.workdir:
         workdir = args.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
