@@ -43,11 +43,17 @@ def _row(i: int, user: str, response: str, **kw: object) -> dict:
     return row
 
 
-def _db(path: Path, rows: list[dict]) -> str:
+def _db(path: Path, rows: list[dict], text_ids: bool = False) -> str:
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"sqlite:///{path}")
     table = experiences_table(sa.MetaData())
+    if text_ids:
+        table = sa.Table(
+            table.name,
+            sa.MetaData(),
+            *(sa.Column("id", sa.Text, primary_key=True) if c.name == "id" else c.copy() for c in table.columns),
+        )
     table.create(engine)
     engine.dispose()
     with sqlite3.connect(path) as conn:
@@ -219,6 +225,32 @@ def test_pairs_are_exactly_the_best_kept_against_the_worst_removed(tmp_path: Pat
     _, plain = _run(db, tmp_path / "plain", pairs=False)
     assert plain["counts"] == manifest["counts"] and plain["removed"] == manifest["removed"]
     assert plain["pairs"] == {"train": 0, "eval": 0}
+
+
+@pytest.mark.parametrize("kind", ["integer", "text"])
+def test_every_pair_is_read_again_however_many_and_whatever_their_ids(tmp_path: Path, kind: str) -> None:
+    """On SQLite the pairs' rows are read again in one statement, their ids bound as one JSON
+    array: more ids than one statement may bind one by one, and text ids with quotes,
+    backslashes and letters beyond ASCII, all come back, each to its own pair."""
+    prompts = 1_200  # 2,400 ids
+
+    def ident(i: int) -> int | str:
+        return i if kind == "integer" else f"id \"{i}\" \\ 'ü' {i}"
+
+    rows = []
+    for q in range(prompts):
+        rows.append(_row(ident(2 * q), f"Q{q}?", f"Good {q}."))  # type: ignore[arg-type]
+        rows.append(_row(ident(2 * q + 1), f"Q{q}?", f"Bad {q}.", actual_harm=0.9))  # type: ignore[arg-type]
+    path, manifest = _run(_db(tmp_path / "p.db", rows, text_ids=kind == "text"), tmp_path / "out")
+    table = pq.read_table(path / "pairs-train.parquet")
+    assert manifest["pairs"] == {"train": prompts, "eval": 0}
+    got = sorted(zip(table.column("chosen_id").to_pylist(), table.column("rejected_id").to_pylist(), strict=True))
+    assert got == sorted((str(ident(2 * q)), str(ident(2 * q + 1))) for q in range(prompts))
+    users = {
+        t[-1]["content"]: r[0]["content"]
+        for t, r in zip(table.column("prompt").to_pylist(), table.column("rejected").to_pylist(), strict=True)
+    }
+    assert users == {f"Q{q}?": f"Bad {q}." for q in range(prompts)}
 
 
 def test_a_pair_whose_rows_changed_after_the_scan_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

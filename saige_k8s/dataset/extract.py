@@ -51,6 +51,7 @@ from saige_k8s.experiences.query import (
     VERDICT,
     WEIGHTED_IN_RANGE,
     Judgement,
+    json_ids,
     rows_query,
     verdict_codes,
 )
@@ -299,15 +300,19 @@ _IDS_PER_READ = 900
 def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgement, ids: pa.Array) -> pa.Table:
     """The rows of ``ids``, judged as the scan judged them (their counts are the scan's already).
 
-    ADBC on SQLite; on PostgreSQL through SQLAlchemy, whose driver binds a list of values as
-    they are, where ADBC's would set one session value per id (see ``source``)."""
-    adbc = request.adbc and source.dialect == "sqlite"
+    SQLite: one statement, through ADBC, the ids bound as one JSON array. Elsewhere in parts,
+    through SQLAlchemy, whose driver binds a list of values as they are, where ADBC's would
+    set one session value per id on PostgreSQL (see ``source``)."""
+    sqlite = source.dialect == "sqlite"
     values = ids.to_pylist()
+    parts: list[list[Any] | sa.Select] = (
+        [json_ids(values)] if sqlite else [values[i : i + _IDS_PER_READ] for i in range(0, len(values), _IDS_PER_READ)]
+    )
     judged: list[pa.RecordBatch] = []
-    for start in range(0, len(values), _IDS_PER_READ):
+    for part in parts:
         check_stop()
-        query = rows_query(judgement, source.id_is_integer, values[start : start + _IDS_PER_READ])
-        with stream(source.url, query, adbc) as batches:
+        query = rows_query(judgement, source.id_is_integer, part)
+        with stream(source.url, query, request.adbc and sqlite) as batches:
             for batch in batches:
                 judged.append(judge_rows(batch, request.filters, StageCounts()).usable_rows())
     if not judged:  # every row gone since the scan
