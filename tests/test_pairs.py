@@ -43,17 +43,24 @@ def _row(i: int, user: str, response: str, **kw: object) -> dict:
     return row
 
 
+def _experiences(text_ids: bool):
+    import sqlalchemy as sa
+
+    table = experiences_table(sa.MetaData())
+    if not text_ids:
+        return table
+    return sa.Table(
+        table.name,
+        sa.MetaData(),
+        *(sa.Column("id", sa.Text, primary_key=True) if c.name == "id" else c._copy() for c in table.columns),
+    )
+
+
 def _db(path: Path, rows: list[dict], text_ids: bool = False) -> str:
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"sqlite:///{path}")
-    table = experiences_table(sa.MetaData())
-    if text_ids:
-        table = sa.Table(
-            table.name,
-            sa.MetaData(),
-            *(sa.Column("id", sa.Text, primary_key=True) if c.name == "id" else c.copy() for c in table.columns),
-        )
+    table = _experiences(text_ids)
     table.create(engine)
     engine.dispose()
     with sqlite3.connect(path) as conn:
@@ -227,30 +234,64 @@ def test_pairs_are_exactly_the_best_kept_against_the_worst_removed(tmp_path: Pat
     assert plain["pairs"] == {"train": 0, "eval": 0}
 
 
-@pytest.mark.parametrize("kind", ["integer", "text"])
-def test_every_pair_is_read_again_however_many_and_whatever_their_ids(tmp_path: Path, kind: str) -> None:
-    """On SQLite the pairs' rows are read again in one statement, their ids bound as one JSON
-    array: more ids than one statement may bind one by one, and text ids with quotes,
-    backslashes and letters beyond ASCII, all come back, each to its own pair."""
-    prompts = 1_200  # 2,400 ids
+def _many_pairs(prompts: int, text_ids: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, their pairs): each prompt answered once kept, once removed (harm); text ids awkward to quote."""
 
     def ident(i: int) -> int | str:
-        return i if kind == "integer" else f"id \"{i}\" \\ 'ü' {i}"
+        return f"id \"{i}\" \\ 'ü' {i}" if text_ids else i
 
-    rows = []
+    rows, pairs = [], []
     for q in range(prompts):
         rows.append(_row(ident(2 * q), f"Q{q}?", f"Good {q}."))  # type: ignore[arg-type]
         rows.append(_row(ident(2 * q + 1), f"Q{q}?", f"Bad {q}.", actual_harm=0.9))  # type: ignore[arg-type]
-    path, manifest = _run(_db(tmp_path / "p.db", rows, text_ids=kind == "text"), tmp_path / "out")
+        pairs.append((str(ident(2 * q)), str(ident(2 * q + 1))))
+    return rows, pairs
+
+
+def _check_many_pairs(db: str, root: Path, prompts: int, expected: list[tuple[str, str]]) -> None:
+    path, manifest = _run(db, root)
     table = pq.read_table(path / "pairs-train.parquet")
     assert manifest["pairs"] == {"train": prompts, "eval": 0}
-    got = sorted(zip(table.column("chosen_id").to_pylist(), table.column("rejected_id").to_pylist(), strict=True))
-    assert got == sorted((str(ident(2 * q)), str(ident(2 * q + 1))) for q in range(prompts))
-    users = {
-        t[-1]["content"]: r[0]["content"]
-        for t, r in zip(table.column("prompt").to_pylist(), table.column("rejected").to_pylist(), strict=True)
-    }
-    assert users == {f"Q{q}?": f"Bad {q}." for q in range(prompts)}
+    ids = zip(table.column("chosen_id").to_pylist(), table.column("rejected_id").to_pylist(), strict=True)
+    assert sorted(ids) == sorted(expected)
+    turns = zip(table.column("prompt").to_pylist(), table.column("rejected").to_pylist(), strict=True)
+    assert {p[-1]["content"]: r[0]["content"] for p, r in turns} == {f"Q{q}?": f"Bad {q}." for q in range(prompts)}
+
+
+#: Prompts of the tests below: 2,400 ids, more than one statement binds one by one.
+MANY = 1_200
+
+
+@pytest.mark.parametrize("text_ids", [False, True], ids=["integer", "text"])
+def test_every_pair_is_read_again_however_many_and_whatever_their_ids(tmp_path: Path, text_ids: bool) -> None:
+    """On SQLite the pairs' rows are read again in one statement, their ids bound as one JSON
+    array: thousands of ids, and text ids with quotes, backslashes and letters beyond ASCII,
+    all come back, each to its own pair."""
+    rows, pairs = _many_pairs(MANY, text_ids)
+    _check_many_pairs(_db(tmp_path / "p.db", rows, text_ids=text_ids), tmp_path / "out", MANY, pairs)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("text_ids", [False, True], ids=["integer", "text"])
+def test_every_pair_is_read_again_on_postgresql(postgres_server: str, tmp_path: Path, text_ids: bool) -> None:
+    """PostgreSQL: integer ids as one bound array, text ids in parts of bound values."""
+    import sqlalchemy as sa
+
+    name = f"pairs_{'text' if text_ids else 'integer'}"
+    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = f"{postgres_server}/{name}"
+    table = _experiences(text_ids)
+    engine = sa.create_engine(url)
+    table.create(engine)
+    rows, pairs = _many_pairs(MANY, text_ids)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{c.name: r[c.name] for c in table.columns} for r in rows])
+    engine.dispose()
+    _check_many_pairs(url, tmp_path / "out", MANY, pairs)
 
 
 def test_a_pair_whose_rows_changed_after_the_scan_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,7 @@ from saige_k8s.experiences.query import (
     VERDICT,
     WEIGHTED_IN_RANGE,
     Judgement,
-    json_ids,
+    rows_of,
     rows_query,
     verdict_codes,
 )
@@ -293,25 +293,16 @@ def _write_candidates(
     return read
 
 
-#: Ids per statement when the pairs' rows are read again (under every database's limit on bound values).
-_IDS_PER_READ = 900
-
-
 def _read_again(request: ExtractRequest, source: SourceTable, judgement: Judgement, ids: pa.Array) -> pa.Table:
     """The rows of ``ids``, judged as the scan judged them (their counts are the scan's already).
 
-    SQLite: one statement, through ADBC, the ids bound as one JSON array. Elsewhere in parts,
-    through SQLAlchemy, whose driver binds a list of values as they are, where ADBC's would
-    set one session value per id on PostgreSQL (see ``source``)."""
+    ADBC on SQLite; elsewhere through SQLAlchemy, whose driver binds a list of values as they
+    are, where ADBC's would set one session value per id on PostgreSQL (see ``source``)."""
     sqlite = source.dialect == "sqlite"
-    values = ids.to_pylist()
-    parts: list[list[Any] | sa.Select] = (
-        [json_ids(values)] if sqlite else [values[i : i + _IDS_PER_READ] for i in range(0, len(values), _IDS_PER_READ)]
-    )
     judged: list[pa.RecordBatch] = []
-    for part in parts:
+    for where in rows_of(judgement, ids.to_pylist(), source.dialect, source.id_is_integer):
         check_stop()
-        query = rows_query(judgement, source.id_is_integer, part)
+        query = rows_query(judgement, source.id_is_integer, where)
         with stream(source.url, query, request.adbc and sqlite) as batches:
             for batch in batches:
                 judged.append(judge_rows(batch, request.filters, StageCounts()).usable_rows())

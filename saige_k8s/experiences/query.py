@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 
 from saige_k8s.experiences.filters import Filters
@@ -143,7 +144,7 @@ def verdict_codes(values: np.ndarray) -> np.ndarray:
     return values & _CODE
 
 
-def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | sa.Select | None = None) -> sa.Select:
+def rows_query(j: Judgement, id_is_integer: bool, where: ColumnElement[bool] | None = None) -> sa.Select:
     """Every row once, in id order: its verdict, what the funnel's statistics add up, its columns.
 
     One statement serves the funnel (the verdict of every row, and the source statistics)
@@ -156,8 +157,7 @@ def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | sa.Sel
     The flags of ``VERDICT`` (``HARM_IN_RANGE``, ``WEIGHTED_IN_RANGE``) say where a row's
     number is one in its range: only then is its cast column the number stored, for SQLite
     may store text in a rejected row's number column (a text compares above every number).
-    ``ids``: only the rows of these ids (the preference pairs' rows, read again for their texts):
-    bound one value each, or a query of them (``json_ids``).
+    ``where``: only these rows (``rows_of``: the preference pairs' rows, read again for their texts).
     """
     harm = j.columns["actual_harm"]
     weighted = j.columns["buddhist_weighted_score"]
@@ -178,12 +178,26 @@ def rows_query(j: Judgement, id_is_integer: bool, ids: Sequence[object] | sa.Sel
 
     verdict = j.verdict + flag(harm, HARM_RANGE, HARM_IN_RANGE) + flag(weighted, SCORE_RANGE, WEIGHTED_IN_RANGE)
     statement = sa.select(*(exprs[n].label(n) for n in ROW_COLUMNS), verdict.label(VERDICT)).order_by(j.columns["id"])
-    return statement if ids is None else statement.where(j.columns["id"].in_(ids))
+    return statement if where is None else statement.where(where)
 
 
-def json_ids(ids: Sequence[object]) -> sa.Select:
-    """SQLite: ``ids`` as one bound JSON array, unpacked by ``json_each``. Thousands of ids
-    then take one statement: bound one value each, they cost the ADBC driver about 70 µs
-    apiece, and SQLite's limit on bound values splits them into many statements."""
-    values = sa.func.json_each(sa.bindparam("ids", json.dumps(list(ids)), type_=sa.Text)).table_valued("value")
-    return sa.select(values.c.value)
+#: Ids per statement where they are bound one value each (under every database's limit on bound values).
+IDS_PER_STATEMENT = 900
+
+
+def rows_of(j: Judgement, ids: Sequence[object], dialect: str, id_is_integer: bool) -> list[ColumnElement[bool]]:
+    """Conditions that select the rows of ``ids``, one per statement, as few as the database allows.
+
+    Bound one value each, ids need a statement per IDS_PER_STATEMENT, and the ADBC SQLite
+    driver spends about 70 µs on each. SQLite takes them all as one JSON array (``json_each``);
+    PostgreSQL integer ids as one array (the index still serves ``= ANY``). Other ids (text,
+    UUID: an array would need the column's own type) and other databases, in parts.
+    """
+    column = j.columns["id"]
+    values = list(ids)
+    if dialect == "sqlite":
+        listed = sa.func.json_each(sa.bindparam("ids", json.dumps(values), type_=sa.Text)).table_valued("value")
+        return [column.in_(sa.select(listed.c.value))]
+    if dialect == "postgresql" and id_is_integer:
+        return [column == sa.any_(sa.bindparam("ids", values, type_=postgresql.ARRAY(sa.BigInteger)))]
+    return [column.in_(values[i : i + IDS_PER_STATEMENT]) for i in range(0, len(values), IDS_PER_STATEMENT)]
