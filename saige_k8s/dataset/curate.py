@@ -433,10 +433,25 @@ class Examples(NamedTuple):
     suite: int
 
 
+#: The columns of a judged batch that examples are made of (the user turn comes rendered, in ``Prompts``).
+EXAMPLE_SOURCES = (
+    "id",
+    "response",
+    "actual_harm",
+    *HARM_COMPONENTS,
+    "buddhist_weighted_score",
+    *PRINCIPLES,
+    "buddhist_alignment",
+    "difficulty",
+    "created_at",
+)
+
+
 def as_examples(batch: pa.RecordBatch, fmt: ChatFormat, system: str, seen: SeenSet, prompts: Prompts) -> Examples:
     """Judged candidates (``judge_rows``) and their ``prompts`` -> examples, without the suite's prompts.
 
-    Suite prompts and duplicates are dropped right after rendering, before the rest of the row is built.
+    Suite prompts and duplicates are dropped right after rendering, before the rest of the row
+    is built; ``batch`` needs only the EXAMPLE_SOURCES columns (the fewer, the less each copy costs).
     """
     turn = prompts.turn
     text = text_columns(fmt, system, turn, batch.column("response"))

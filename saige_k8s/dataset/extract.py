@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from saige_k8s import __version__, console
 from saige_k8s.dataset.curate import (
+    EXAMPLE_SOURCES,
     OUTPUT_SCHEMA,
     STAGE_INVALID,
     Judged,
@@ -281,7 +282,8 @@ def _write_candidates(
                 consumer.add(judged, prompts)
             if read.reached_limit or (request.strict and read.stage.first_invalid):
                 continue  # --strict fails anyway: judge the rest only to report the true count
-            kept, passes = judged.batch, judged.passes
+            # The examples' copies below carry only what examples are made of.
+            kept, passes = judged.batch.select(EXAMPLE_SOURCES), judged.passes
             if not passes.all():
                 kept, prompts = kept.filter(pa.array(passes)), prompts.filter(passes)
             _keep_examples(request, writer, read, seen, kept, prompts)
