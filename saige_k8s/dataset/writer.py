@@ -195,29 +195,29 @@ class DatasetWriter:
     def write(self, batch: pa.RecordBatch | pa.Table, in_eval: np.ndarray, part: str | None = None) -> None:
         """Examples (``part`` None; the CSV gets them too) or a part's rows, each to its split's file."""
         names = self._names(part)
+        evaluated = int(in_eval.sum()) if "eval" in names else 0
+        split_rows = {"train": len(batch) - evaluated, "eval": evaluated}
+        for split, name in names.items():
+            if part is None:
+                self.rows[split] += split_rows[split]
+            else:
+                self.extra[name] += split_rows[split]
+        while len(self._pending) >= _MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write_splits, batch, in_eval, part))
+
+    def _write_splits(self, batch: pa.RecordBatch | pa.Table, in_eval: np.ndarray, part: str | None) -> None:
+        """On the Parquet thread: the split's copies too, off the thread that prepares the next batch."""
+        names = self._names(part)
         if "eval" in names and in_eval.any():
             pieces = {names["train"]: batch.filter(pa.array(~in_eval)), names["eval"]: batch.filter(pa.array(in_eval))}
         else:
             pieces = {names["train"]: batch}
-        for split, name in names.items():
-            rows = len(pieces.get(name, ()))
-            if part is None:
-                self.rows[split] += rows
-            else:
-                self.extra[name] += rows
-        while len(self._pending) >= _MAX_PENDING:
-            self._pending.popleft().result()
-        examples = batch if part is None else None  # the CSV holds the examples only
-        self._pending.append(self._pool.submit(self._write_pieces, pieces, examples))
-
-    def _write_pieces(
-        self, pieces: dict[str, pa.RecordBatch | pa.Table], examples: pa.RecordBatch | pa.Table | None
-    ) -> None:
         for name, piece in pieces.items():
             if len(piece):
                 self._files[name].write(piece)
-        if self._csv is not None and examples is not None:
-            self._csv.write(examples.select(list(CSV_COLUMNS)))
+        if self._csv is not None and part is None:  # the CSV holds the examples only
+            self._csv.write(batch.select(list(CSV_COLUMNS)))
 
     def write_part(self, stem: str, table: pa.Table, in_eval: np.ndarray) -> dict[str, int]:
         """A part known whole at once (the pairs, at the end of the read): rows per split."""
