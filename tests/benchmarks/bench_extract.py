@@ -510,6 +510,15 @@ def code_version() -> tuple[str, str]:
     return f"saige-k8s {saige_k8s.__version__}, git {revision}", digest.hexdigest()[:12]
 
 
+def compile_package() -> None:
+    """Byte-compile the measured package, as pip does at install: an editable checkout under
+    ``PYTHONDONTWRITEBYTECODE`` would otherwise compile its modules in every run (about 60 ms)."""
+    import saige_k8s
+
+    package = Path(saige_k8s.__file__).resolve().parent
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(package)], check=True)
+
+
 def environment() -> str:
     """The measured processes' interpreter, and whether it has pandas: pyarrow imports it on its first
     conversion from Python objects when installed (the dev extra has it; the extract image has not)."""
@@ -688,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     scratch.mkdir()
     code = code_version()
     log(f"work dir {workdir}; {machine()}; {code[0]}, sources {code[1]}")
+    compile_package()
     results: list[Result] = []
     rss: list[Result] = []
     if args.pairs:
