@@ -101,15 +101,20 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
 
 
-@pytest.fixture(scope="session")
-def demo_postgres(postgres_server: str) -> str:
+def new_postgres_database(server: str, name: str) -> str:
+    """An empty database ``name`` on the test server (``postgres_server``); its URL."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text("CREATE DATABASE saige"))
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
     admin.dispose()
-    url = f"{postgres_server}/saige"
+    return f"{server}/{name}"
+
+
+@pytest.fixture(scope="session")
+def demo_postgres(postgres_server: str) -> str:
+    url = new_postgres_database(postgres_server, "saige")
     create_database(url, DemoOptions(rows=DEMO_ROWS, seed=7))
     return url
 

@@ -15,6 +15,7 @@ from saige_k8s.dataset.extract import ExtractRequest, extract
 from saige_k8s.dataset.formats import DEFAULT_SYSTEM_PROMPT, FORMATS, render
 from saige_k8s.experiences.demo import experiences_table
 from saige_k8s.experiences.schema import HARM_COMPONENTS, PRINCIPLES
+from tests.conftest import new_postgres_database
 from tests.test_extract import accounted_rows
 
 SCORES = dict.fromkeys(PRINCIPLES, 8.0)
@@ -277,13 +278,7 @@ def test_every_pair_is_read_again_on_postgresql(postgres_server: str, tmp_path: 
     """PostgreSQL: integer ids as one bound array, text ids in parts of bound values."""
     import sqlalchemy as sa
 
-    name = f"pairs_{'text' if text_ids else 'integer'}"
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    url = f"{postgres_server}/{name}"
+    url = new_postgres_database(postgres_server, f"pairs_{'text' if text_ids else 'integer'}")
     table = _experiences(text_ids)
     engine = sa.create_engine(url)
     table.create(engine)

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import saige_k8s
 from saige_k8s.dataset.writer import DatasetWriter
 from saige_k8s.experiences.demo import DemoOptions, create_database
-from tests.conftest import REQUIRE_TOOLS, run_cli, wait_for
+from tests.conftest import REQUIRE_TOOLS, new_postgres_database, run_cli, wait_for
 
 ROOT = Path(saige_k8s.__file__).resolve().parents[1]
 #: libpq's connect_timeout that extract sets when the URL has none (source.CONNECT_TIMEOUT_S).
@@ -241,11 +241,7 @@ def test_a_silent_server_fails_after_the_connect_timeout(tmp_path: Path, silent_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_a_query_waits_on_a_lock(postgres_server: str, tmp_path: Path, sig: signal.Signals) -> None:
     name = f"locked_{sig.name.lower()}"
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    url = f"{postgres_server}/{name}"
+    url = new_postgres_database(postgres_server, name)
     create_database(url, DemoOptions(rows=500, seed=2))
     holder = sa.create_engine(url).connect()
     holder.execute(sa.text("LOCK TABLE experiences IN ACCESS EXCLUSIVE MODE"))  # held until rollback

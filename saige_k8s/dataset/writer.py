@@ -204,11 +204,12 @@ class DatasetWriter:
                 self.extra[name] += split_rows[split]
         while len(self._pending) >= _MAX_PENDING:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._write_splits, batch, in_eval, part))
+        self._pending.append(self._pool.submit(self._write_splits, batch, in_eval, names, part is None))
 
-    def _write_splits(self, batch: pa.RecordBatch | pa.Table, in_eval: np.ndarray, part: str | None) -> None:
+    def _write_splits(
+        self, batch: pa.RecordBatch | pa.Table, in_eval: np.ndarray, names: dict[str, str], examples: bool
+    ) -> None:
         """On the Parquet thread: the split's copies too, off the thread that prepares the next batch."""
-        names = self._names(part)
         if "eval" in names and in_eval.any():
             pieces = {names["train"]: batch.filter(pa.array(~in_eval)), names["eval"]: batch.filter(pa.array(in_eval))}
         else:
@@ -216,7 +217,7 @@ class DatasetWriter:
         for name, piece in pieces.items():
             if len(piece):
                 self._files[name].write(piece)
-        if self._csv is not None and part is None:  # the CSV holds the examples only
+        if self._csv is not None and examples:  # the CSV holds the examples only
             self._csv.write(batch.select(list(CSV_COLUMNS)))
 
     def write_part(self, stem: str, table: pa.Table, in_eval: np.ndarray) -> dict[str, int]:

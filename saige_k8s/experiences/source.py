@@ -286,9 +286,10 @@ def _session_parameters(cursor, sql: str, params: list) -> tuple[str, list]:  # 
     All are set by one statement: a round trip each cost 30 ms for the default filters' values.
     """
     if params:
-        calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(params)))
-        names = (f"saige.p{number}" for number in range(1, len(params) + 1))
-        cursor.execute(f"SELECT {calls}", [v for pair in zip(names, map(str, params), strict=True) for v in pair])
+        numbers = range(1, len(params) + 1)
+        calls = ", ".join(f"set_config(${2 * n - 1}, ${2 * n}, false)" for n in numbers)
+        settings = [v for n, value in zip(numbers, params, strict=True) for v in (f"saige.p{n}", str(value))]
+        cursor.execute(f"SELECT {calls}", settings)
         cursor.fetchall()
     kinds = {number: _PG_TYPES[type(value)] for number, value in enumerate(params, start=1)}
     sql = re.sub(r"\$(\d+)\b", lambda m: f"(SELECT CAST(current_setting('saige.p{m[1]}') AS {kinds[int(m[1])]}))", sql)
