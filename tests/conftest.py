@@ -101,13 +101,15 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
 
 
-def new_postgres_database(server: str, name: str) -> str:
-    """An empty database ``name`` on the test server (``postgres_server``); its URL."""
+def new_postgres_database(server: str, name: str, encoding: str | None = None) -> str:
+    """An empty database ``name`` on the test server (``postgres_server``), in the cluster's
+    encoding (UTF8) unless given; its URL."""
     import sqlalchemy as sa
 
     admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    options = f" ENCODING '{encoding}' TEMPLATE template0" if encoding else ""
     with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        conn.execute(sa.text(f"CREATE DATABASE {name}{options}"))
     admin.dispose()
     return f"{server}/{name}"
 

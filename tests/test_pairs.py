@@ -424,3 +424,106 @@ def test_pairs_are_the_same_on_postgresql(demo_sqlite: str, demo_postgres: str, 
     for name in ("pairs-train.parquet", "pairs-eval.parquet"):
         assert pq.read_table(lite / name).to_pylist() == pq.read_table(pg / name).to_pylist()
     assert pq.read_table(lite / "pairs-train.parquet").num_rows > 0
+
+
+def _blank_rows() -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, their pairs): per prompt, one kept answer and removed ones. The worst cannot be
+    used (blank in whitespace other than spaces), except the last prompt's, which only starts
+    with spaces."""
+    worst = ["\t\n", "\u3000", "\u00a0\u2003", "\x1c", "  starts with spaces"]
+    rows, pairs = [], []
+    for q, blank in enumerate(worst):
+        base = 10 * q
+        rows.append(_row(base + 1, f"Q{q}?", f"Kept {q}."))
+        rows.append(_row(base + 2, f"Q{q}?", blank, actual_harm=0.95, buddhist_weighted_score=2.0))
+        # Removed, second worst: the rejected side where the worst is unusable. It starts beyond ASCII.
+        rows.append(_row(base + 3, f"Q{q}?", f"Über {q}.", actual_harm=0.9, buddhist_weighted_score=4.0))
+        # Removed by the stored weighted score: usable, but not the worst.
+        rows.append(_row(base + 4, f"Q{q}?", f"Low {q}.", buddhist_weighted_score=5.0))
+        # Removed by the harm: usable, and an answer of the KTO part.
+        rows.append(_row(base + 5, f"Q{q}?", f"Harsh {q}.", actual_harm=0.85, buddhist_weighted_score=6.0))
+        pairs.append((str(base + 1), str(base + (2 if blank.strip() else 3))))
+    return rows, pairs
+
+
+def _postgres_table(url: str, rows: list[dict]) -> None:
+    import sqlalchemy as sa
+
+    table = _experiences(text_ids=False)
+    engine = sa.create_engine(url)
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{c.name: r[c.name] for c in table.columns} for r in rows])
+    engine.dispose()
+
+
+def _pairs_of(path: Path) -> list[tuple[str, str, str]]:
+    table = pq.read_table(path / "pairs-train.parquet")
+    rejected = [r[0]["content"] for r in table.column("rejected").to_pylist()]
+    ids = zip(table.column("chosen_id").to_pylist(), table.column("rejected_id").to_pylist(), rejected, strict=True)
+    return sorted(ids)
+
+
+@pytest.mark.postgres
+def test_removed_rows_cut_short_on_postgresql_are_judged_as_in_full(postgres_server: str, tmp_path: Path) -> None:
+    """On PostgreSQL a row a filter surely removes comes with its response cut to one
+    printable character: the pairs read their rows again. The cut must never turn an
+    unusable response (blank in any whitespace) into a usable one, nor touch the KTO part's."""
+    from saige_k8s.experiences.filters import Filters
+    from saige_k8s.experiences.query import rows_query
+    from saige_k8s.experiences.source import open_source, resolve_url, stream
+
+    rows, pairs = _blank_rows()
+    url = new_postgres_database(postgres_server, "cut_short")
+    _postgres_table(url, rows)
+    lite = _db(tmp_path / "p.db", rows)
+
+    source = open_source(resolve_url(url), "experiences", {})
+    assert source.brief_removed and not open_source(resolve_url(lite), "experiences", {}).brief_removed
+    with stream(source.url, rows_query(source.judge(Filters()), source.id_is_integer, brief_removed=True)) as batches:
+        read = pa.Table.from_batches(list(batches))
+    responses = dict(zip(read.column("id").to_pylist(), read.column("response").to_pylist(), strict=True))
+    assert responses[1] == "Kept 0." and responses[3] == "Über 0."  # 'Ü': not ASCII
+    assert responses[4] == "L" and responses[5] == "H"  # removed by the weighted score, by the harm
+    assert responses[2] == "\t\n" and responses[12] == "\u3000" and responses[42] == "  starts with spaces"
+
+    pg_path, pg = _run(url, tmp_path / "pg", kto=True)
+    lite_path, sqlite = _run(lite, tmp_path / "lite", kto=True)
+    assert _pairs_of(pg_path) == _pairs_of(lite_path)
+    assert [(c, r) for c, r, _ in _pairs_of(pg_path)] == sorted(pairs)
+    rejected = {text for _, _, text in _pairs_of(pg_path)}
+    assert rejected == {f"Über {q}." for q in range(4)} | {"starts with spaces"}  # trimmed, as every text
+    assert pg["invalid"] == sqlite["invalid"] and pg["removed"] == sqlite["removed"]
+    # The KTO part writes removed rows' responses: with it, none is cut.
+    kto = pq.read_table(pg_path / "kto-train.parquet")
+    assert kto.to_pylist() == pq.read_table(lite_path / "kto-train.parquet").to_pylist() and kto.num_rows
+    assert {m[-1]["content"] for m in kto.column("messages").to_pylist()} >= {"Über 0.", "Harsh 0."}
+    # Without it, the same pairs from the short read.
+    short_path, _ = _run(url, tmp_path / "short")
+    assert _pairs_of(short_path) == _pairs_of(pg_path)
+
+
+@pytest.mark.postgres
+def test_a_sql_ascii_database_is_read_as_utf8(postgres_server: str, tmp_path: Path) -> None:
+    """SQL_ASCII stores any bytes. Read as UTF-8, its valid texts come as on any database (the
+    cut included), and a text that is not UTF-8 stops the read with the server's own words."""
+    import sqlalchemy as sa
+
+    from saige_k8s.errors import RuntimeFailure
+    from saige_k8s.experiences.source import open_source, resolve_url
+
+    rows, pairs = _blank_rows()
+    url = new_postgres_database(postgres_server, "any_bytes", encoding="SQL_ASCII")
+    setup = f"{url}?client_encoding=UTF8"  # psycopg reads SQL_ASCII text as bytes, which SQLAlchemy cannot
+    _postgres_table(setup, rows)
+    assert open_source(resolve_url(url), "experiences", {}).brief_removed
+    pg_path, pg = _run(url, tmp_path / "pg")
+    lite_path, sqlite = _run(_db(tmp_path / "p.db", rows), tmp_path / "lite")
+    assert _pairs_of(pg_path) == _pairs_of(lite_path) and [(c, r) for c, r, _ in _pairs_of(pg_path)] == sorted(pairs)
+    assert pg["invalid"] == sqlite["invalid"]
+    engine = sa.create_engine(setup)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE experiences SET response = E'bad \\xff bytes' WHERE id = 2"))
+    engine.dispose()
+    with pytest.raises(RuntimeFailure, match='invalid byte sequence for encoding "UTF8": 0xff'):
+        _run(url, tmp_path / "bad")

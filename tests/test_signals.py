@@ -163,13 +163,17 @@ def test_the_entry_point_loads_no_heavy_library_before_the_handlers() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_postgres_urls_get_a_connect_timeout() -> None:
-    from saige_k8s.experiences.source import CONNECT_TIMEOUT_S, with_timeouts
+def test_postgres_urls_get_a_connect_timeout_and_utf8_texts() -> None:
+    from saige_k8s.experiences.source import CONNECT_TIMEOUT_S, connection_url
 
-    url = with_timeouts(sa.engine.make_url("postgresql+psycopg://u@db/x"))
-    assert url.query["connect_timeout"] == str(CONNECT_TIMEOUT_S)
-    assert with_timeouts(sa.engine.make_url("postgresql://u@db/x?connect_timeout=3")).query["connect_timeout"] == "3"
-    assert not with_timeouts(sa.engine.make_url("sqlite:///x.db")).query
+    url = connection_url(sa.engine.make_url("postgresql+psycopg://u@db/x"))
+    assert url.query["connect_timeout"] == str(CONNECT_TIMEOUT_S) and url.query["client_encoding"] == "UTF8"
+    assert (
+        connection_url(sa.engine.make_url("postgresql://u@db/x?client_encoding=LATIN1")).query["client_encoding"]
+        == "LATIN1"
+    )
+    assert connection_url(sa.engine.make_url("postgresql://u@db/x?connect_timeout=3")).query["connect_timeout"] == "3"
+    assert not connection_url(sa.engine.make_url("sqlite:///x.db")).query
 
 
 class _SilentServer:

@@ -254,7 +254,8 @@ def _write_candidates(
     kto = _undesirable_rows(request, writer) if request.kto else None
     valid_rows: list[ValidRows] = [consumer for consumer in (pairs, kto) if consumer is not None]
     first_needed = judgement.first_valid if valid_rows else judgement.candidate
-    query = rows_query(judgement, source.id_is_integer)
+    # Removed rows' responses are only checked, unless the KTO part writes them.
+    query = rows_query(judgement, source.id_is_integer, brief_removed=source.brief_removed and not request.kto)
     with stream(source.url, query, request.adbc) as batches:
         for raw in batches:
             check_stop()

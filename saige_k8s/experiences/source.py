@@ -74,7 +74,7 @@ def check_dialect(url: URL) -> None:
 def _engine(url: URL) -> sa.Engine:
     check_dialect(url)
     try:
-        return sa.create_engine(with_timeouts(url), poolclass=sa.pool.NullPool)
+        return sa.create_engine(connection_url(url), poolclass=sa.pool.NullPool)
     except (sa.exc.ArgumentError, TypeError, ValueError) as exc:  # e.g. a user and password on a SQLite URL
         raise ConfigError(f"database URL {redact(url)} cannot be used: {scrub(str(exc), url)}") from None
 
@@ -111,11 +111,14 @@ def _failure(what: str, url: URL, exc: BaseException) -> SaigeError:
     return RuntimeFailure(f"{what} {redact(url)}: {scrub(text, url)}")
 
 
-def with_timeouts(url: URL) -> URL:
-    """The URL to connect with: a PostgreSQL connect gives up after CONNECT_TIMEOUT_S."""
-    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-        return url.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
-    return url
+def connection_url(url: URL) -> URL:
+    """The URL to connect with: a PostgreSQL connect gives up after CONNECT_TIMEOUT_S, and texts
+    arrive as UTF-8 whatever the database's encoding (unless the URL sets another). A SQL_ASCII
+    database's texts come as they are stored, which psycopg, and so SQLAlchemy, cannot read."""
+    if url.get_backend_name() != "postgresql":
+        return url
+    defaults = {"connect_timeout": str(CONNECT_TIMEOUT_S), "client_encoding": "UTF8"}
+    return url.update_query_dict({k: v for k, v in defaults.items() if k not in url.query})
 
 
 @contextmanager
@@ -139,6 +142,8 @@ class SourceTable:
     mapping: dict[str, str | None]
     #: About how many rows the table holds, from the database's own bookkeeping (no scan), if it knows.
     estimated_rows: int | None = None
+    #: Every text value arrives as valid UTF-8, by the database's guarantee (``_utf8_guaranteed``).
+    utf8_guaranteed: bool = False
 
     @property
     def dialect(self) -> str:
@@ -153,6 +158,15 @@ class SourceTable:
         assert id_column is not None  # the id is a required column: open_source maps it or fails
         column = self.table.c[id_column]
         return isinstance(column.type, sa.Integer)
+
+    @property
+    def brief_removed(self) -> bool:
+        """Whether the rows a filter surely removes can come with their response cut short
+        (``query.brief_response``): it must be PostgreSQL text, valid UTF-8 by the database's guarantee."""
+        response = self.mapping["response"]
+        assert response is not None  # a required column
+        column_type = self.table.c[response].type
+        return self.dialect == "postgresql" and self.utf8_guaranteed and isinstance(column_type, sa.String)
 
 
 def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | None = None) -> SourceTable:
@@ -178,6 +192,7 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
                 )
             reflected = sa.Table(table, sa.MetaData(), schema=schema, autoload_with=conn)
             estimated = estimate_rows(conn, reflected)
+            utf8 = _utf8_guaranteed(conn)
     except sa.exc.OperationalError as exc:
         raise _failure("cannot connect to", url, exc) from None
     except sa.exc.SQLAlchemyError as exc:
@@ -197,7 +212,13 @@ def open_source(url: URL, table: str, columns: Mapping[str, str], schema: str | 
             )
         else:
             mapping[logical] = None
-    return SourceTable(url, reflected, mapping, estimated)
+    return SourceTable(url, reflected, mapping, estimated, utf8)
+
+
+def _utf8_guaranteed(conn: sa.Connection) -> bool:
+    """Texts reach a UTF8 client as valid UTF-8: PostgreSQL converts them from the database's
+    encoding, and from SQL_ASCII (any bytes) refuses to send bytes that are not UTF-8."""
+    return conn.dialect.name == "postgresql" and conn.execute(sa.text("SHOW client_encoding")).scalar() == "UTF8"
 
 
 def estimate_rows(conn: sa.Connection, table: sa.Table) -> int | None:
@@ -236,7 +257,7 @@ def _adbc_connect(url: URL):
         return sqlite_driver.connect(url.database or ":memory:")
     import adbc_driver_postgresql.dbapi as postgresql_driver
 
-    libpq_url = with_timeouts(url).set(drivername="postgresql")
+    libpq_url = connection_url(url).set(drivername="postgresql")
     return postgresql_driver.connect(libpq_url.render_as_string(hide_password=False))
 
 

@@ -180,7 +180,8 @@ def scan_worker(dialect: str, target: str, out: str) -> None:
     url = resolve_url(target)
     source = open_source(url, TABLE, {})
     written = 0
-    with stream(url, rows_query(source.judge(Filters()), source.id_is_integer)) as batches:
+    query = rows_query(source.judge(Filters()), source.id_is_integer, brief_removed=source.brief_removed)
+    with stream(url, query) as batches:
         writer = None
         for batch in batches:
             writer = writer or pq.ParquetWriter(out, batch.schema, compression="zstd")
