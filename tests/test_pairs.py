@@ -527,3 +527,21 @@ def test_a_sql_ascii_database_is_read_as_utf8(postgres_server: str, tmp_path: Pa
     engine.dispose()
     with pytest.raises(RuntimeFailure, match='invalid byte sequence for encoding "UTF8": 0xff'):
         _run(url, tmp_path / "bad")
+
+
+def test_ties_go_to_the_first_id_across_batches_and_merges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal answers to one prompt, read two rows a batch and merged after every batch: the
+    first of them in id order is the chosen one, and the first removed one the rejected."""
+    from saige_k8s.dataset import pairs as pairs_module
+    from saige_k8s.experiences import source as source_module
+
+    monkeypatch.setattr(source_module, "_BATCH_ROWS", 2)
+    monkeypatch.setattr(pairs_module, "_MERGE_FLOOR", 0)
+    # Ids out of step with the batches; each prompt's answers spread over several of them.
+    rows = [_row(i, f"Q{i % 3}?", f"Answer {i}.", actual_harm=0.9 if i % 2 else 0.1) for i in range(1, 25)]
+    path, _ = _run(_db(tmp_path / "p.db", rows), tmp_path / "out")
+    got = sorted((r["chosen_id"], r["rejected_id"]) for r in pq.read_table(path / "pairs-train.parquet").to_pylist())
+    firsts: dict[tuple[int, bool], int] = {}
+    for r in rows:
+        firsts.setdefault((r["id"] % 3, r["actual_harm"] < 0.3), r["id"])
+    assert got == sorted((str(firsts[q, True]), str(firsts[q, False])) for q in range(3))

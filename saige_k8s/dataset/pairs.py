@@ -178,16 +178,19 @@ class _ReadAgain(NamedTuple):
 
 def _reduce(table: pa.Table) -> pa.Table:
     """Per (prompt, passed): the kept row with the highest weighted score, then lowest harm, then
-    first in id order; the removed row with the lowest weighted score, then highest harm, then first."""
+    first in id order; the removed row with the lowest weighted score, then highest harm, then first.
+
+    ``table`` is in id order within each (prompt, passed): a batch is, and a merge concatenates
+    the earlier state before the later parts. The sort is stable, so ties stay in that order.
+    """
     if not len(table):
         return table
     key = table.column("key").to_numpy()
     passes = table.column("passes").to_numpy(zero_copy_only=False)
     weighted = table.column("buddhist_weighted_score").to_numpy(zero_copy_only=False)
     harm = table.column("actual_harm").to_numpy(zero_copy_only=False)
-    seq = table.column("seq").to_numpy(zero_copy_only=False)
     sign = np.where(passes, -1.0, 1.0)  # kept: best first; removed: worst first
-    order = np.lexsort((seq, -sign * harm, sign * weighted, passes, key))
+    order = np.lexsort((-sign * harm, sign * weighted, passes, key))
     k, p = key[order], passes[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = (k[1:] != k[:-1]) | (p[1:] != p[:-1])
