@@ -197,10 +197,10 @@ def brief_response(j: Judgement) -> ColumnElement:
     Without preference data that uses them (the KTO part), removed rows' responses are only
     checked, never written: the pairs read their rows again. On the 1M-row benchmark table this
     leaves out a third of the bytes read (half the responses'), and the read's CPU falls by a
-    sixth on each side; behind a 1 Gbit/s link, the read takes 4.9 s instead of 7.2. Only for
-    text the database guarantees to be UTF-8 (PostgreSQL read as UTF-8): a first character
-    cannot vouch for bytes SQLite did not check. ``ascii`` is PostgreSQL's (the first
-    character's code point; whitespace is at most 32 or above 127).
+    sixth on each side (README, Performance). Only for text the database guarantees to be
+    UTF-8 (PostgreSQL read as UTF-8): a first character cannot vouch for bytes SQLite did not
+    check. ``ascii`` is PostgreSQL's (the first character's code point; whitespace is at most
+    32 or above 127).
     """
     response = j.columns["response"]
     printable = sa.func.ascii(response).between(33, 127)
