@@ -73,6 +73,18 @@ def _db(path: Path, rows: list[dict], text_ids: bool = False) -> str:
     return str(path)
 
 
+def _postgres_table(url: str, rows: list[dict], text_ids: bool = False) -> None:
+    """``_db`` on PostgreSQL: the experiences table at ``url``, holding ``rows``."""
+    import sqlalchemy as sa
+
+    table = _experiences(text_ids)
+    engine = sa.create_engine(url)
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{c.name: r[c.name] for c in table.columns} for r in rows])
+    engine.dispose()
+
+
 def _run(db: str, root: Path, **kw: object) -> tuple[Path, dict]:
     result = extract(ExtractRequest(db=db, data_root=root, **kw))  # type: ignore[arg-type]
     return result.path, json.loads((result.path / "manifest.json").read_text())
@@ -276,16 +288,9 @@ def test_every_pair_is_read_again_however_many_and_whatever_their_ids(tmp_path: 
 @pytest.mark.parametrize("text_ids", [False, True], ids=["integer", "text"])
 def test_every_pair_is_read_again_on_postgresql(postgres_server: str, tmp_path: Path, text_ids: bool) -> None:
     """PostgreSQL: integer ids as one bound array, text ids in parts of bound values."""
-    import sqlalchemy as sa
-
     url = new_postgres_database(postgres_server, f"pairs_{'text' if text_ids else 'integer'}")
-    table = _experiences(text_ids)
-    engine = sa.create_engine(url)
-    table.create(engine)
     rows, pairs = _many_pairs(MANY, text_ids)
-    with engine.begin() as conn:
-        conn.execute(table.insert(), [{c.name: r[c.name] for c in table.columns} for r in rows])
-    engine.dispose()
+    _postgres_table(url, rows, text_ids)
     _check_many_pairs(url, tmp_path / "out", MANY, pairs)
 
 
@@ -444,17 +449,6 @@ def _blank_rows() -> tuple[list[dict], list[tuple[str, str]]]:
         rows.append(_row(base + 5, f"Q{q}?", f"Harsh {q}.", actual_harm=0.85, buddhist_weighted_score=6.0))
         pairs.append((str(base + 1), str(base + (2 if blank.strip() else 3))))
     return rows, pairs
-
-
-def _postgres_table(url: str, rows: list[dict]) -> None:
-    import sqlalchemy as sa
-
-    table = _experiences(text_ids=False)
-    engine = sa.create_engine(url)
-    table.create(engine)
-    with engine.begin() as conn:
-        conn.execute(table.insert(), [{c.name: r[c.name] for c in table.columns} for r in rows])
-    engine.dispose()
 
 
 def _pairs_of(path: Path) -> list[tuple[str, str, str]]:

@@ -126,12 +126,14 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
         ("unknown_alignment", unknown_alignment),
         ("weighted_score_out_of_range", outside(stored_weighted, SCORE_RANGE)),
     ]
+    too_harmful = harm >= filters.max_harm
+    # A NULL stored score is computed from the JSON and judged in the Arrow stage.
+    too_low = stored_weighted < filters.min_buddhist
     rejected = [
-        ("max_harm", harm >= filters.max_harm),
+        ("max_harm", too_harmful),
         *((f"max_{c}", col[c] >= v) for c, v in filters.component_maxima().items()),
         ("min_alignment", below_min_alignment),
-        # A NULL stored score is computed from the JSON and judged in the Arrow stage.
-        ("min_buddhist", stored_weighted < filters.min_buddhist),
+        ("min_buddhist", too_low),
     ]
     checks = [(f"invalid:{reason}", cond) for reason, cond in invalid] + [
         (f"filter:{name}", cond) for name, cond in rejected
@@ -139,8 +141,7 @@ def judge(table: sa.Table, mapping: dict[str, str | None], filters: Filters) -> 
     verdict = sa.case(*((cond, code) for code, (_, cond) in enumerate(checks)), else_=len(checks))
     labels = (*(label for label, _ in checks), CANDIDATE)
     assert len(labels) <= _CODE, "the verdict's code would overlap its flags"
-    surely_removed = sa.or_(harm >= filters.max_harm, stored_weighted < filters.min_buddhist)
-    return Judgement(col, alignment, labels, verdict, surely_removed)
+    return Judgement(col, alignment, labels, verdict, sa.or_(too_harmful, too_low))
 
 
 def verdict_codes(values: np.ndarray) -> np.ndarray:
